@@ -1,0 +1,280 @@
+"""Stage a dataset source (local folder, ``s3://bucket/prefix``, ``https://...zip``) into a local cache.
+
+Remote sources land in ``<cache_dir>/<key>/`` with a ``manifest.json`` (relative path, size, sha256,
+etag). Every file is written under a temporary name and renamed only once its size is verified, and the
+manifest is written last, so an interrupted transfer is resumed rather than mistaken for a complete one.
+A second run with the manifest in place transfers nothing. Concurrent stagers (DDP ranks, parallel
+tuning trials) serialise on a file lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import urllib.request
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
+from typing import Any
+from urllib.parse import urlparse
+
+from dogbreed.data.layout import DataError, find_split_dirs
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+_CHUNK = 1 << 20
+
+
+def default_cache_dir() -> Path:
+    """``$DOGBREED_CACHE`` or ``~/.cache/dogbreed``."""
+    return Path(os.environ.get("DOGBREED_CACHE", Path.home() / ".cache" / "dogbreed")).expanduser()
+
+
+def cache_key(source: str) -> str:
+    """A readable, collision-safe folder name for a remote source."""
+    parsed = urlparse(source)
+    stem = (parsed.netloc + parsed.path).strip("/").replace("/", "_")[-60:]
+    return f"{parsed.scheme}-{stem}-{hashlib.sha256(source.encode()).hexdigest()[:10]}"
+
+
+def is_remote(source: str) -> bool:
+    return urlparse(str(source)).scheme in ("s3", "http", "https")
+
+
+def state_dir(source: str | Path, cache_dir: str | Path | None = None) -> Path:
+    """The cache folder that holds a source's staged files, manifest, cached checks and data report."""
+    source = str(source)
+    key = cache_key(source) if is_remote(source) else f"local-{cache_key(str(Path(source).expanduser().resolve()))}"
+    return Path(cache_dir or default_cache_dir()).expanduser() / key
+
+
+def stage(source: str | Path, cache_dir: str | Path | None = None, *, endpoint_url: str | None = None) -> Path:
+    """Return a local folder holding ``source``, transferring only what is not already staged.
+
+    Args:
+        source: A local folder (used in place), ``s3://bucket/prefix`` or an ``http(s)://`` zip archive.
+        cache_dir: Where remote sources are staged (default :func:`default_cache_dir`).
+        endpoint_url: S3 endpoint for S3-compatible servers; ``AWS_ENDPOINT_URL`` is honoured too.
+    """
+    source = str(source)
+    scheme = urlparse(source).scheme
+    if not is_remote(source):
+        path = Path(source).expanduser()
+        if not path.is_dir():
+            raise DataError(f"data.source={source!r} is not a folder, s3:// URI or https:// archive.")
+        return path
+    target = state_dir(source, cache_dir)
+    target.mkdir(parents=True, exist_ok=True)
+    with _locked(target.with_suffix(".lock")):
+        if scheme == "s3":
+            _stage_s3(source, target, endpoint_url)
+        else:
+            _stage_archive(source, target)
+    return dataset_root(target / "files")
+
+
+def dataset_root(folder: Path) -> Path:
+    """The folder holding ``train/``: ``folder`` itself or its single top-level subfolder (zip archives)."""
+    with contextlib.suppress(DataError):
+        find_split_dirs(folder)
+        return folder
+    children = [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith((".", "__MACOSX"))]
+    if len(children) == 1:
+        return dataset_root(children[0])
+    return folder  # let the layout check report what is missing
+
+
+@contextlib.contextmanager
+def _locked(lock_path: Path) -> Iterator[None]:
+    with open(lock_path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _read_manifest(target: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((target / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_manifest(target: Path, source: str, files: dict[str, dict[str, Any]]) -> None:
+    tmp = target / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps({"source": source, "files": files}, indent=1))
+    os.replace(tmp, target / MANIFEST)
+
+
+def safe_relpath(name: str, *, what: str) -> PurePosixPath:
+    """Reject absolute paths and ``..`` components (zip-slip, crafted S3 keys)."""
+    rel = PurePosixPath(name.replace("\\", "/"))
+    if rel.is_absolute() or ".." in rel.parts or (rel.parts and rel.parts[0].endswith(":")):
+        raise DataError(f"refusing unsafe path {name!r} in {what}: absolute paths and '..' are not allowed.")
+    return rel
+
+
+# --- S3 -------------------------------------------------------------------------------------------
+
+
+def s3_client(endpoint_url: str | None = None) -> Any:
+    """A boto3 S3 client; ``endpoint_url`` (or ``AWS_ENDPOINT_URL``) points it at S3-compatible servers."""
+    import boto3
+
+    return boto3.client("s3", endpoint_url=endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None)
+
+
+def split_s3_uri(uri: str) -> tuple[str, str]:
+    parsed = urlparse(uri)
+    if parsed.scheme != "s3" or not parsed.netloc:
+        raise DataError(f"{uri!r} is not an s3://bucket/prefix URI.")
+    return parsed.netloc, parsed.path.lstrip("/")
+
+
+def _stage_s3(source: str, target: Path, endpoint_url: str | None) -> None:
+    bucket, prefix = split_s3_uri(source)
+    prefix = prefix.rstrip("/") + "/" if prefix else ""
+    client = s3_client(endpoint_url)
+    manifest = (_read_manifest(target) or {}).get("files", {})
+    listed = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            if not obj["Key"].endswith("/"):
+                listed[obj["Key"][len(prefix) :]] = obj
+    if not listed:
+        raise DataError(
+            f"no objects under {source}: upload the dataset with `python -m dogbreed.data upload DIR {source}`."
+        )
+    files_dir = target / "files"
+    entries: dict[str, dict[str, Any]] = {}
+    transferred = 0
+    for rel, obj in sorted(listed.items()):
+        dest = files_dir / safe_relpath(rel, what=source)
+        etag = obj["ETag"].strip('"')
+        known = manifest.get(rel)
+        if known and known["etag"] == etag and dest.is_file() and dest.stat().st_size == known["size"]:
+            entries[rel] = known
+            continue
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.part")
+        client.download_file(bucket, obj["Key"], str(tmp))
+        if tmp.stat().st_size != obj["Size"]:
+            raise DataError(
+                f"s3://{bucket}/{obj['Key']}: got {tmp.stat().st_size} bytes, expected {obj['Size']}; re-run to retry."
+            )
+        os.replace(tmp, dest)
+        entries[rel] = {"size": obj["Size"], "sha256": _sha256(dest), "etag": etag}
+        transferred += 1
+    for stale in set(manifest) - set(listed):
+        (files_dir / stale).unlink(missing_ok=True)
+    _write_manifest(target, source, entries)
+    log.info(
+        "Staged %s -> %s (%d transferred, %d already present)",
+        source,
+        files_dir,
+        transferred,
+        len(entries) - transferred,
+    )
+
+
+def upload(local_dir: str | Path, uri: str, *, endpoint_url: str | None = None) -> int:
+    """Upload every file under ``local_dir`` to ``uri`` keeping relative paths; return the file count."""
+    local_dir = Path(local_dir)
+    if not local_dir.is_dir():
+        raise DataError(f"{local_dir} is not a folder.")
+    bucket, prefix = split_s3_uri(uri)
+    client = s3_client(endpoint_url)
+    count = 0
+    for path in sorted(p for p in local_dir.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        key = "/".join(filter(None, [prefix.rstrip("/"), path.relative_to(local_dir).as_posix()]))
+        client.upload_file(str(path), bucket, key)
+        count += 1
+    return count
+
+
+def download_s3_file(uri: str, cache_dir: str | Path | None = None, *, endpoint_url: str | None = None) -> Path:
+    """Fetch one S3 object into the cache (once) and return its local path (used for weight files)."""
+    bucket, key = split_s3_uri(uri)
+    dest = Path(cache_dir or default_cache_dir()).expanduser() / "files" / cache_key(uri) / PurePosixPath(key).name
+    if dest.is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.part")
+    s3_client(endpoint_url).download_file(bucket, key, str(tmp))
+    os.replace(tmp, dest)
+    return dest
+
+
+# --- https zip archives -------------------------------------------------------------------------------
+
+
+def _stage_archive(source: str, target: Path) -> None:
+    manifest = _read_manifest(target)
+    if manifest and manifest.get("source") == source and (target / "files").is_dir():
+        return
+    archive = target / "archive.zip"
+    if not archive.is_file():
+        log.info("Downloading %s", source)
+        tmp = target / "archive.zip.part"
+        try:
+            with urllib.request.urlopen(source, timeout=60) as response, open(tmp, "wb") as out:
+                expected = int(response.headers.get("Content-Length") or -1)
+                shutil.copyfileobj(response, out, _CHUNK)
+        except OSError as err:
+            raise DataError(
+                f"could not download {source} ({err}). Without network access, download the archive elsewhere, "
+                "unzip it and set data.source to the folder (or upload it with `python -m dogbreed.data upload`)."
+            ) from err
+        if expected >= 0 and tmp.stat().st_size != expected:
+            raise DataError(f"{source}: downloaded {tmp.stat().st_size} of {expected} bytes; re-run to retry.")
+        os.replace(tmp, archive)
+    extract = target / ".files.tmp"
+    shutil.rmtree(extract, ignore_errors=True)
+    entries = extract_zip(archive, extract)
+    shutil.rmtree(target / "files", ignore_errors=True)
+    os.replace(extract, target / "files")
+    _write_manifest(target, source, entries)
+    archive.unlink()
+
+
+def extract_zip(archive: Path, dest: Path) -> dict[str, dict[str, Any]]:
+    """Extract safely (no absolute paths, no ``..``, no links) and return manifest entries."""
+    entries: dict[str, dict[str, Any]] = {}
+    try:
+        zf = zipfile.ZipFile(archive)
+    except zipfile.BadZipFile as err:
+        archive.unlink()
+        raise DataError(
+            f"{archive} is not a valid zip archive ({err}); it was removed, re-run to download again."
+        ) from err
+    with zf:
+        for info in zf.infolist():
+            rel = safe_relpath(info.filename, what=str(archive))
+            if info.is_dir() or rel.parts[0] == "__MACOSX":
+                continue
+            if (info.external_attr >> 16) & 0o170000 == 0o120000:
+                raise DataError(f"refusing symbolic link {info.filename!r} in {archive}.")
+            out = dest / rel
+            out.parent.mkdir(parents=True, exist_ok=True)
+            digest = hashlib.sha256()
+            with zf.open(info) as src, open(out, "wb") as dst:
+                while chunk := src.read(_CHUNK):
+                    digest.update(chunk)
+                    dst.write(chunk)
+            entries[rel.as_posix()] = {"size": info.file_size, "sha256": digest.hexdigest()}
+    return entries

@@ -1,0 +1,153 @@
+"""Backbone factory: any ``torchvision.models`` classifier with its head replaced for ``num_classes``.
+
+Weights resolution (``model.weights``):
+- ``None``: random initialisation;
+- a torchvision weights name (``IMAGENET1K_V1``, ``DEFAULT``): torchvision's normal cache and download;
+- a local path or ``s3://`` URI to a state dict: for air-gapped and network-isolated jobs.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+class WeightsError(RuntimeError):
+    """Pretrained weights could not be fetched or do not fit the backbone."""
+
+
+def find_head(model: nn.Module) -> str:
+    """Name of the final ``nn.Linear`` (the classification head) of a torchvision classifier."""
+    linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    if not linears:
+        raise ValueError(
+            f"{type(model).__name__} has no nn.Linear head to replace; pick a backbone with a linear classifier."
+        )
+    return linears[-1]
+
+
+def _replace_head(model: nn.Module, num_classes: int) -> str:
+    name = find_head(model)
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    old: nn.Linear = getattr(parent, attr)
+    new = nn.Linear(old.in_features, num_classes)
+    nn.init.normal_(new.weight, std=0.01)  # small logits at start: a calm first step for the new head
+    nn.init.zeros_(new.bias)
+    setattr(parent, attr, new)
+    return name
+
+
+def _is_weights_file(weights: str) -> bool:
+    return weights.startswith("s3://") or "/" in weights or weights.endswith((".pth", ".pt", ".bin", ".ckpt"))
+
+
+def create_backbone(
+    name: str = "resnet18",
+    num_classes: int = 133,
+    weights: str | None = None,
+    *,
+    cache_dir: str | Path | None = None,
+    **kwargs: Any,
+) -> tuple[nn.Module, str]:
+    """Build ``torchvision.models.<name>`` with a fresh ``num_classes`` head; return it and the head's name.
+
+    Args:
+        name: A torchvision classification model (``resnet18``, ``mobilenet_v2``, ``efficientnet_b0``, ...).
+        num_classes: Output classes of the new head.
+        weights: ``None``, a torchvision weights enum name, or a state-dict file path / ``s3://`` URI.
+        cache_dir: Where ``s3://`` weight files are cached.
+        **kwargs: Passed to the torchvision constructor (e.g. ``norm_layer``).
+    """
+    available = torchvision.models.list_models(module=torchvision.models)
+    if name not in available:
+        raise ValueError(f"model.backbone={name!r} is not a torchvision classification model; choose from {available}.")
+    if weights is None or _is_weights_file(str(weights)):
+        model = torchvision.models.get_model(name, weights=None, **kwargs)
+    else:
+        model = _torchvision_pretrained(name, str(weights), **kwargs)
+    head = _replace_head(model, num_classes)
+    if weights is not None and _is_weights_file(str(weights)):
+        load_backbone_weights(model, weights, head=head, cache_dir=cache_dir)
+    return model, head
+
+
+def _torchvision_pretrained(name: str, weights: str, **kwargs: Any) -> nn.Module:
+    try:
+        enum = torchvision.models.get_model_weights(name)
+        resolved = enum[weights] if weights != "DEFAULT" else enum.DEFAULT
+    except KeyError:
+        options = [w.name for w in torchvision.models.get_model_weights(name)]
+        raise WeightsError(
+            f"model.weights={weights!r} is not a weights name of {name}; choose from {options}, a file path, or null."
+        ) from None
+    try:
+        return torchvision.models.get_model(name, weights=resolved, **kwargs)
+    except (OSError, RuntimeError) as err:  # URLError is an OSError; a torn download raises RuntimeError
+        raise WeightsError(
+            f"could not fetch {name} weights {weights} from {resolved.url} ({err}). Without network access, download "
+            f"that file elsewhere and set model.weights=/path/to/{Path(resolved.url).name} (or an s3:// URI), "
+            "or model.weights=null to train from random initialisation."
+        ) from err
+
+
+def _read_state_dict(weights: str, cache_dir: str | Path | None) -> tuple[dict[str, torch.Tensor], str]:
+    if weights.startswith("s3://"):
+        from dogbreed.data.staging import download_s3_file
+
+        path = download_s3_file(weights, cache_dir)
+    else:
+        path = Path(weights).expanduser()
+    if not path.is_file():
+        raise WeightsError(f"model.weights file {path} does not exist.")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"{path} is not a state dict (a mapping of parameter names to tensors).")
+    return state, str(path)
+
+
+def load_backbone_weights(
+    model: nn.Module, weights: str | Path, *, head: str, cache_dir: str | Path | None = None
+) -> None:
+    """Load a state-dict file into ``model``; only the head may be missing, and shapes must match.
+
+    A head in the file that does not fit ``num_classes`` (an ImageNet ``fc`` for 133 breeds) is skipped.
+    """
+    state, where = _read_state_dict(str(weights), cache_dir)
+    own = model.state_dict()
+    in_head = lambda key: key.startswith(head + ".")  # noqa: E731
+    state = {k: v for k, v in state.items() if not (in_head(k) and k in own and own[k].shape != v.shape)}
+    mismatched = [
+        f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and own[k].shape != v.shape
+    ]
+    if mismatched:
+        raise WeightsError(
+            f"{where} does not fit {type(model).__name__}; shape mismatches:\n  " + "\n  ".join(mismatched[:20])
+        )
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not in_head(k)]
+    if missing or result.unexpected_keys:
+        raise WeightsError(
+            f"{where} does not match the backbone: missing {missing[:10]} ({len(missing)} in all), unexpected "
+            f"{result.unexpected_keys[:10]} ({len(result.unexpected_keys)} in all). Only the head ({head}) may be "
+            "missing; check model.backbone matches the file."
+        )
+    head_missing = [k for k in result.missing_keys if in_head(k)]
+    log.info(
+        "Loaded %d tensors from %s; new head %s %s",
+        len(state),
+        where,
+        head,
+        "initialised" if head_missing else "loaded",
+    )

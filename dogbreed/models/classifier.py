@@ -1,0 +1,127 @@
+"""``DogBreedClassifier``: a torchvision backbone fine-tuned for breed classification, with its metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
+
+from dogbreed.models.backbone import create_backbone
+
+OptimizerFactory = Callable[..., Optimizer]
+SchedulerFactory = Callable[..., LRScheduler]
+
+
+class DogBreedClassifier(L.LightningModule):
+    """Image classifier over ``num_classes`` breeds.
+
+    Args:
+        num_classes: Output classes (from the data: ``${data.num_classes}`` in the config).
+        backbone: torchvision model name.
+        weights: ``None``, a torchvision weights name (``IMAGENET1K_V1``) or a state-dict path / ``s3://`` URI.
+        lr: Peak learning rate.
+        weight_decay: Decoupled weight decay, applied to weights but not to biases and norm parameters.
+        label_smoothing: Cross-entropy label smoothing.
+        optimizer: ``partial`` optimiser class taking ``(params, lr=, weight_decay=)``; AdamW when None.
+        scheduler: ``partial`` taking ``(optimizer, total_steps=)``, stepped every step; constant lr when None.
+        channels_last: Use the NHWC memory format (faster convolutions with AMP on tensor-core GPUs).
+        backbone_kwargs: Extra torchvision constructor arguments.
+        weights_cache_dir: Cache for ``s3://`` weight files.
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 133,
+        backbone: str = "resnet18",
+        weights: str | None = "IMAGENET1K_V1",
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        label_smoothing: float = 0.0,
+        optimizer: OptimizerFactory | None = None,
+        scheduler: SchedulerFactory | None = None,
+        channels_last: bool = False,
+        backbone_kwargs: dict[str, Any] | None = None,
+        weights_cache_dir: str | Path | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "scheduler", "weights_cache_dir"])
+        self.net, self.head_name = create_backbone(
+            backbone, num_classes, weights, cache_dir=weights_cache_dir, **(backbone_kwargs or {})
+        )
+        if channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last)
+        self.optimizer_factory = optimizer or partial(torch.optim.AdamW)
+        self.scheduler_factory = scheduler or None  # the empty group model/scheduler=constant means none
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        top_k = min(5, num_classes)
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_metrics = MetricCollection(
+            {
+                "acc": MulticlassAccuracy(num_classes, average="micro"),
+                "acc_top5": MulticlassAccuracy(num_classes, top_k=top_k, average="micro"),
+            },
+            prefix="val/",
+        )
+        self.test_metrics = self.val_metrics.clone(prefix="test/")
+        self.test_metrics.add_metrics({"f1_macro": MulticlassF1Score(num_classes, average="macro")})
+        self.test_confmat = MulticlassConfusionMatrix(num_classes)
+        self.test_confusion: torch.Tensor | None = None
+
+    @property
+    def head(self) -> nn.Module:
+        return self.net.get_submodule(self.head_name)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.hparams.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.net(x)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = self.criterion(logits, y)
+        self.train_acc(logits, y)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        logits = self(x)
+        self.log("val/loss", self.criterion(logits, y), prog_bar=True, sync_dist=True)
+        self.val_metrics(logits, y)
+        self.log_dict(self.val_metrics, prog_bar=True)
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        logits = self(x)
+        self.log("test/loss", self.criterion(logits, y), sync_dist=True)
+        self.test_metrics(logits, y)
+        self.log_dict(self.test_metrics)
+        self.test_confmat.update(logits, y)
+
+    def on_test_epoch_end(self) -> None:
+        """Keep the confusion matrix (rows: true class) for the run's test report."""
+        self.test_confusion = self.test_confmat.compute().cpu()
+        self.test_confmat.reset()
+
+    def configure_optimizers(self) -> Optimizer | dict[str, Any]:
+        decay, no_decay = [], []
+        for param in self.parameters():
+            if param.requires_grad:
+                (no_decay if param.ndim <= 1 else decay).append(param)
+        groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+        optimizer = self.optimizer_factory(groups, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer, total_steps=int(self.trainer.estimated_stepping_batches))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,131 @@
+"""Train, test with the best checkpoint, and export the model: ``python -m dogbreed.train [overrides]``.
+
+``train(cfg)`` is the one path from a composed config to a run directory; the Hydra entry point, the
+tuner and the SageMaker container all call it.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from dogbreed.artifacts import write_model_dir, write_test_results
+from dogbreed.data import DataError, DogBreedDataModule
+from dogbreed.models import DogBreedClassifier, WeightsError
+
+log = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def amp_precision() -> str:
+    """``bf16-mixed`` on GPUs that support bf16, else ``16-mixed``."""
+    return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "16-mixed"
+
+
+def register_resolvers() -> None:
+    """Config resolvers: ``${dogbreed.demo_data:}`` and ``${dogbreed.amp_precision:}``."""
+    OmegaConf.register_new_resolver("dogbreed.demo_data", lambda: str(files("dogbreed") / "demo_data"), replace=True)
+    OmegaConf.register_new_resolver("dogbreed.amp_precision", amp_precision, replace=True)
+
+
+register_resolvers()
+
+
+def instantiate_group(group: DictConfig | None, kind: str) -> list[Any]:
+    """Instantiate every entry of a dict-of-configs group (callbacks, loggers) that has a ``_target_``."""
+    objects = []
+    for name, conf in (group or {}).items():
+        if isinstance(conf, DictConfig) and "_target_" in conf:
+            log.info("Instantiating %s %s <%s>", kind, name, conf._target_)
+            objects.append(instantiate(conf))
+    return objects
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Fit, test with the best checkpoint, export ``model/`` and ``metrics.json``; return the metrics.
+
+    The returned dict holds the test metrics, ``best_val/acc`` style keys of the monitored metric and
+    ``objective``: the value of ``cfg.optimized_metric`` (what a tuner maximises).
+    """
+    start = time.perf_counter()
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+
+    log.info("Instantiating datamodule <%s>", cfg.data._target_)
+    datamodule: DogBreedDataModule = instantiate(cfg.data)
+    if cfg.data.get("num_classes") is None:
+        datamodule.prepare_data()
+        with open_dict(cfg):
+            cfg.data.num_classes = datamodule.num_classes
+
+    log.info("Instantiating model <%s>", cfg.model._target_)
+    model: DogBreedClassifier = instantiate(cfg.model)
+    callbacks = instantiate_group(cfg.get("callbacks"), "callback")
+    loggers = instantiate_group(cfg.get("logger"), "logger")
+    log.info("Instantiating trainer <%s>", cfg.trainer._target_)
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    for logger in loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+
+    if cfg.get("train", True):
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    checkpoint = trainer.checkpoint_callback
+    best_path = checkpoint.best_model_path if checkpoint else ""
+    metrics: dict[str, Any] = dict(fit_metrics)
+    if checkpoint and checkpoint.best_model_score is not None:
+        metrics[f"best_{checkpoint.monitor}"] = float(checkpoint.best_model_score)
+
+    if cfg.get("test", True):
+        ckpt = best_path or (cfg.get("ckpt_path") if not cfg.get("train", True) else None)
+        if not ckpt:
+            log.warning("No best checkpoint to test; testing the weights as they are.")
+        test_metrics = trainer.test(model, datamodule=datamodule, ckpt_path=ckpt or None)[0]
+        metrics.update(test_metrics)
+        if trainer.is_global_zero:
+            write_model_dir(
+                cfg.paths.model_dir, model.net, backbone=model.hparams.backbone,
+                class_names=datamodule.class_names, preprocessing=datamodule.preprocessing,
+            )  # fmt: skip
+            write_test_results(
+                cfg.paths.output_dir, test_metrics, model.test_confusion, datamodule.class_names,
+                best_checkpoint=best_path or None, epochs=trainer.current_epoch,
+                wall_time_s=round(time.perf_counter() - start, 1),
+            )  # fmt: skip
+            log.info(
+                "Model written to %s; test metrics in %s",
+                cfg.paths.model_dir,
+                Path(cfg.paths.output_dir) / "metrics.json",
+            )
+
+    objective_key = cfg.get("optimized_metric")
+    if objective_key:
+        objective = metrics.get(f"best_{objective_key}", metrics.get(objective_key))
+        metrics["objective"] = objective
+    log.info("Done in %.1f s", time.perf_counter() - start)
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    """Hydra entry point; user errors end with one clear message instead of a traceback."""
+    try:
+        return train(cfg).get("objective")
+    except (DataError, WeightsError) as err:
+        log.error("%s", err)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""The one definition of image preprocessing, shared by training and serving.
+
+Training builds its transforms from a :class:`Preprocessing`; the exported model directory stores the
+same object as JSON, and the inference handlers rebuild the eval transform from it. There is no second
+copy that could drift.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, ImageOps
+from torchvision.transforms import v2
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Return an upright RGB image whatever the source mode (L, LA, P, CMYK, RGBA, I;16 ...).
+
+    Transparent pixels are composited over white rather than dropped to their (often black) colour.
+    """
+    image = ImageOps.exif_transpose(image)
+    if image.mode == "RGB":
+        return image
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    if image.mode.startswith("I;16") or image.mode == "I":
+        # 16/32-bit greyscale: scale to 8 bits before the RGB conversion, which would clip.
+        image = image.point(lambda v: v / 256).convert("L")
+    return image.convert("RGB")
+
+
+def load_rgb(source: str | Path | bytes) -> Image.Image:
+    """Open and fully decode an image file or byte string as RGB (raises on corrupt or truncated data)."""
+    handle = io.BytesIO(source) if isinstance(source, bytes) else source
+    with Image.open(handle) as image:
+        image.load()
+        return to_rgb(image)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Settings of the train and eval transforms; stored next to the exported model."""
+
+    image_size: int = 224
+    resize_size: int = 256
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    hflip: bool = True
+    color_jitter: float = 0.0
+    interpolation: str = "bilinear"
+
+    def __post_init__(self) -> None:
+        if self.resize_size < self.image_size:
+            raise ValueError(
+                f"resize_size={self.resize_size} is smaller than image_size={self.image_size}: the eval "
+                "center crop needs resize_size >= image_size (torchvision's default is 256 for 224)."
+            )
+        if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise ValueError(f"crop_scale={self.crop_scale} must satisfy 0 < min <= max <= 1.")
+        for name in ("mean", "std", "crop_scale"):
+            object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
+
+    @property
+    def _interpolation(self) -> v2.InterpolationMode:
+        return v2.InterpolationMode(self.interpolation)
+
+    def train_transform(self) -> v2.Compose:
+        """Random resized crop, optional flip and colour jitter, then normalisation."""
+        ops: list[torch.nn.Module] = [
+            v2.PILToTensor(),
+            v2.RandomResizedCrop(
+                self.image_size, scale=self.crop_scale, interpolation=self._interpolation, antialias=True
+            ),
+        ]
+        if self.hflip:
+            ops.append(v2.RandomHorizontalFlip())
+        if self.color_jitter > 0:
+            jitter = self.color_jitter
+            ops.append(v2.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter))
+        return v2.Compose([*ops, *self._normalize()])
+
+    def eval_transform(self) -> v2.Compose:
+        """Resize the short side, center crop, normalise: the deterministic path of validation and serving."""
+        return v2.Compose(
+            [
+                v2.PILToTensor(),
+                v2.Resize(self.resize_size, interpolation=self._interpolation, antialias=True),
+                v2.CenterCrop(self.image_size),
+                *self._normalize(),
+            ]
+        )
+
+    def _normalize(self) -> list[torch.nn.Module]:
+        return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(self.mean), std=list(self.std))]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready settings (what the model package stores)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Preprocessing:
+        """Rebuild from :meth:`to_dict` output, rejecting unknown keys with a clear message."""
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown preprocessing settings {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**data)

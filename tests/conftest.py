@@ -1,0 +1,141 @@
+"""Shared fixtures: the real composed config (forced small and CPU), image folders, an S3 server."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+from PIL import Image
+
+from dogbreed.train import CONFIG_DIR
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+def compose_config(overrides: list[str] | None = None) -> DictConfig:
+    """Compose ``conf/train.yaml`` exactly as the CLI does, without Hydra's runtime."""
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
+        return compose("train", overrides=overrides or [])
+
+
+def make_small(cfg: DictConfig, tmp_path: Path) -> DictConfig:
+    """Point a config at ``tmp_path`` and shrink it to seconds on a CPU."""
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "run")
+        cfg.paths.cache_dir = str(tmp_path / "cache")
+        cfg.paths.model_dir = str(tmp_path / "run" / "model")
+        cfg.trainer.accelerator = "cpu"
+        cfg.trainer.devices = 1
+        cfg.trainer.max_epochs = 1
+        cfg.trainer.limit_train_batches = 4
+        cfg.trainer.limit_val_batches = 2
+        cfg.trainer.limit_test_batches = 2
+        cfg.trainer.num_sanity_val_steps = 0
+        cfg.trainer.enable_progress_bar = False
+        cfg.data.num_workers = 0
+        cfg.callbacks.pop("progress_bar", None)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def demo_cfg_global() -> DictConfig:
+    return compose_config(["experiment=demo"])
+
+
+@pytest.fixture
+def demo_cfg(demo_cfg_global: DictConfig, tmp_path: Path) -> DictConfig:
+    """The demo experiment, small, writing under ``tmp_path``."""
+    return make_small(demo_cfg_global.copy(), tmp_path)
+
+
+def write_image_folder(
+    root: Path,
+    classes: list[str] = ("001.Alpha", "002.Beta", "003.Gamma"),  # type: ignore[assignment]
+    counts: dict[str, int] | None = None,
+    size: tuple[int, int] = (40, 32),
+    fmt: str = "JPEG",
+    seed: int = 0,
+) -> Path:
+    """Write a dogImages-layout folder of random images whose colour depends on the class."""
+    rng = np.random.default_rng(seed)
+    counts = counts or {"train": 6, "valid": 3, "test": 3}
+    for split, n in counts.items():
+        for label, cls in enumerate(classes):
+            folder = root / split / cls
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                base = np.zeros((size[1], size[0], 3), np.uint8)
+                base[..., label % 3] = 160
+                noise = rng.integers(0, 60, size=base.shape, dtype=np.uint8)
+                ext = "jpg" if fmt == "JPEG" else fmt.lower()
+                Image.fromarray(base + noise).save(folder / f"{cls}_{i:03d}.{ext}", fmt)
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Callable[..., Path]:
+    """Factory: ``image_folder(name="data", **write_image_folder kwargs)``."""
+
+    def make(name: str = "data", **kwargs) -> Path:
+        return write_image_folder(tmp_path / name, **kwargs)
+
+    return make
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[str]:
+    """A real AWS-API server (moto) on 127.0.0.1 in its own process; yields its endpoint URL."""
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/moto-api/", timeout=1)
+            break
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise RuntimeError("moto server did not start") from None
+            time.sleep(0.2)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture
+def aws_env(moto_server: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Dummy credentials and ``AWS_ENDPOINT_URL`` pointing boto3 at the moto server."""
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_SESSION_TOKEN": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": moto_server,
+    }.items():  # fmt: skip
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    return moto_server
+
+
+@pytest.fixture(autouse=True)
+def _few_threads() -> None:
+    """Keep tests from oversubscribing the CI machine's cores."""
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
