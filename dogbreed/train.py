@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Sequence
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import hydra
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dogbreed.artifacts import write_model_dir, write_test_results
@@ -52,11 +54,16 @@ def instantiate_group(group: DictConfig | None, kind: str) -> list[Any]:
     return objects
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
+def train(cfg: DictConfig, extra_callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     """Fit, test with the best checkpoint, export ``model/`` and ``metrics.json``; return the metrics.
 
-    The returned dict holds the test metrics, ``best_val/acc`` style keys of the monitored metric and
-    ``objective``: the value of ``cfg.optimized_metric`` (what a tuner maximises).
+    Args:
+        cfg: The composed ``conf/train.yaml``.
+        extra_callbacks: Callbacks that callers add to the configured ones (a tuner's pruning callback).
+
+    Returns:
+        The test metrics, ``best_<monitor>`` of the checkpoint callback and ``objective``: the value of
+        ``cfg.optimized_metric`` (what a tuner maximises).
     """
     start = time.perf_counter()
     if cfg.get("seed") is not None:
@@ -71,7 +78,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     log.info("Instantiating model <%s>", cfg.model._target_)
     model: DogBreedClassifier = instantiate(cfg.model)
-    callbacks = instantiate_group(cfg.get("callbacks"), "callback")
+    callbacks = [*instantiate_group(cfg.get("callbacks"), "callback"), *extra_callbacks]
     loggers = instantiate_group(cfg.get("logger"), "logger")
     log.info("Instantiating trainer <%s>", cfg.trainer._target_)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
