@@ -41,10 +41,19 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_rgb(source: str | Path | bytes) -> Image.Image:
-    """Open and fully decode an image file or byte string as RGB (raises on corrupt or truncated data)."""
+def load_rgb(source: str | Path | bytes, *, max_pixels: int | None = None) -> Image.Image:
+    """Open and fully decode an image file or byte string as RGB (raises on corrupt or truncated data).
+
+    ``max_pixels`` is checked from the header, before decoding, so a decompression bomb costs nothing;
+    exceeding it raises ``PIL.Image.DecompressionBombError``.
+    """
     handle = io.BytesIO(source) if isinstance(source, bytes) else source
     with Image.open(handle) as image:
+        if max_pixels is not None and image.width * image.height > max_pixels:
+            raise Image.DecompressionBombError(
+                f"image is {image.width}x{image.height} = {image.width * image.height} pixels, more than the "
+                f"limit of {max_pixels}."
+            )
         image.load()
         return to_rgb(image)
 
