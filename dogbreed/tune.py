@@ -1,0 +1,322 @@
+"""Local hyperparameter search: ``python -m dogbreed.tune [overrides]``, an Optuna study around ``train(cfg)``.
+
+The search space is ``cfg.hparams_search`` (``conf/hparams_search/``), the same file the SageMaker tuner
+reads. Each trial is one ``train(cfg)`` run in ``<run dir>/trials/<n>/``; a pruning callback reports the
+objective after every validation epoch so that the pruner can stop bad trials early. The study lives in
+Optuna's RDB storage (SQLite in the run dir by default): re-running the command resumes it, and several
+processes or machines can share one storage URL to run trials in parallel.
+
+Run dir: ``study.db``, ``trials.csv``, ``best_overrides.txt``, ``tuned/best.yaml``, ``plots/*.png``.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import shutil
+import sys
+import warnings
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import optuna
+from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.callbacks import Callback
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from dogbreed.data import DataError
+from dogbreed.models import WeightsError
+from dogbreed.train import train
+
+log = logging.getLogger(__name__)
+
+EPOCHS_ATTR = "epochs"
+BEST_OVERRIDES = "best_overrides.txt"
+BEST_CONFIG = Path("tuned") / "best.yaml"
+RESULTS = "trials.csv"
+SAMPLERS = ("tpe", "random")
+PRUNERS = ("median", "hyperband", "none")
+
+
+class TuneConfigError(ValueError):
+    """``hparams_search`` or ``tune`` is malformed; the message names the setting and the fix."""
+
+
+def search_space(cfg: DictConfig) -> dict[str, dict[str, Any]]:
+    """``cfg.hparams_search.params`` as plain dicts, checked once for both tuners."""
+    params = OmegaConf.to_container(cfg.hparams_search.params, resolve=True)
+    if not params:
+        raise TuneConfigError("hparams_search.params is empty; add e.g. model.lr: {type: float, low: ..., high: ...}.")
+    for name, spec in params.items():
+        kind = spec.get("type")
+        if kind in ("float", "int"):
+            if not isinstance(spec.get("low"), int | float) or not isinstance(spec.get("high"), int | float):
+                raise TuneConfigError(
+                    f"hparams_search.params.{name}: low and high must be numbers (got {spec.get('low')!r}, "
+                    f"{spec.get('high')!r}); write floats with a dot, e.g. 1.0e-5, since YAML reads 1e-5 as text."
+                )
+            if spec["low"] >= spec["high"] or (spec.get("log") and spec["low"] <= 0):
+                raise TuneConfigError(f"hparams_search.params.{name}: need 0 < low < high for log scale, low < high.")
+        elif kind == "categorical":
+            if not spec.get("choices"):
+                raise TuneConfigError(f"hparams_search.params.{name}: categorical needs a non-empty choices list.")
+        else:
+            raise TuneConfigError(f"hparams_search.params.{name}: type={kind!r}; use float, int or categorical.")
+    return params
+
+
+def suggest(trial: optuna.Trial, params: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """Sample one value per parameter of the search space."""
+    values: dict[str, Any] = {}
+    for name, spec in params.items():
+        if spec["type"] == "float":
+            values[name] = trial.suggest_float(name, spec["low"], spec["high"], log=bool(spec.get("log")))
+        elif spec["type"] == "int":
+            values[name] = trial.suggest_int(name, spec["low"], spec["high"], log=bool(spec.get("log")))
+        else:
+            values[name] = trial.suggest_categorical(name, list(spec["choices"]))
+    return values
+
+
+class OptunaPruning(Callback):
+    """Report the monitored metric to the trial after each validation epoch; stop the trial if pruned.
+
+    Also records how many epochs the trial ran (``epochs`` user attribute), for the results table.
+    """
+
+    def __init__(self, trial: optuna.Trial, monitor: str) -> None:
+        self.trial = trial
+        self.monitor = monitor
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is None:
+            raise KeyError(
+                f"optimized_metric={self.monitor!r} was not logged; logged: {sorted(trainer.callback_metrics)}."
+            )
+        epoch = trainer.current_epoch
+        self.trial.set_user_attr(EPOCHS_ATTR, epoch + 1)
+        self.trial.report(float(value), step=epoch)
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at epoch {epoch} with {self.monitor}={float(value):.4f}")
+
+
+def make_sampler(name: str, *, seed: int | None, n_startup_trials: int) -> optuna.samplers.BaseSampler:
+    if name == "tpe":
+        # constant_liar keeps parallel workers from sampling the same point
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_startup_trials, constant_liar=True)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    raise TuneConfigError(f"tune.sampler={name!r} is not supported; use one of {SAMPLERS}.")
+
+
+def make_pruner(name: str, *, n_startup_trials: int, n_warmup_steps: int, max_epochs: int) -> optuna.pruners.BasePruner:
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=n_startup_trials, n_warmup_steps=n_warmup_steps)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max_epochs, reduction_factor=3)
+    if name == "none":
+        return optuna.pruners.NopPruner()
+    raise TuneConfigError(f"tune.pruner={name!r} is not supported; use one of {PRUNERS}.")
+
+
+def make_storage(url: str, *, heartbeat_interval: int | None, grace_period: int | None) -> optuna.storages.RDBStorage:
+    """Optuna's RDB storage; a killed worker's trial is failed after the grace period and retried once."""
+    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    return optuna.storages.RDBStorage(
+        url,
+        engine_kwargs=engine_kwargs,
+        heartbeat_interval=heartbeat_interval or None,
+        grace_period=grace_period if heartbeat_interval else None,
+        failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1) if heartbeat_interval else None,
+    )
+
+
+def trial_config(cfg: DictConfig, values: Mapping[str, Any], trial_dir: Path) -> DictConfig:
+    """The training config of one trial: the sampled values applied, writing under ``trial_dir``."""
+    trial_cfg = cfg.copy()
+    with open_dict(trial_cfg):
+        for key, value in values.items():
+            OmegaConf.update(trial_cfg, key, value, merge=False)
+        trial_cfg.paths.output_dir = str(trial_dir)
+        trial_cfg.paths.model_dir = str(trial_dir / "model")
+        trial_cfg.test = bool(cfg.tune.test_trials)
+        trial_cfg.pop("tune", None)
+        trial_cfg.pop("hparams_search", None)
+    return trial_cfg
+
+
+def make_objective(
+    cfg: DictConfig, out_dir: Path, run: Callable[..., dict[str, Any]] = train
+) -> Callable[[optuna.Trial], float]:
+    """The function Optuna calls per trial: sample, train with the pruning callback, return the objective."""
+    params = search_space(cfg)
+
+    def objective(trial: optuna.Trial) -> float:
+        values = suggest(trial, params)
+        trial_dir = out_dir / "trials" / f"{trial.number:03d}"
+        log.info("Trial %d: %s", trial.number, " ".join(f"{k}={v}" for k, v in values.items()))
+        try:
+            pruning = OptunaPruning(trial, cfg.optimized_metric)
+            metrics = run(trial_config(cfg, values, trial_dir), extra_callbacks=[pruning])
+        finally:
+            if not cfg.tune.keep_checkpoints:
+                shutil.rmtree(trial_dir / "checkpoints", ignore_errors=True)
+        value = metrics.get("objective")
+        if value is None:
+            raise RuntimeError(f"trial {trial.number} returned no objective; is optimized_metric set?")
+        return float(value)
+
+    return objective
+
+
+def open_study(cfg: DictConfig, out_dir: Path) -> optuna.Study:
+    """Create the study, or load it when the storage already holds one of this name (resume)."""
+    tune_cfg = cfg.tune
+    url = tune_cfg.storage or f"sqlite:///{(out_dir / 'study.db').resolve()}"
+    storage = make_storage(url, heartbeat_interval=tune_cfg.heartbeat_interval, grace_period=tune_cfg.grace_period)
+    study = optuna.create_study(
+        study_name=tune_cfg.study_name,
+        storage=storage,
+        direction=cfg.hparams_search.direction,
+        sampler=make_sampler(tune_cfg.sampler, seed=tune_cfg.seed, n_startup_trials=tune_cfg.n_startup_trials),
+        pruner=make_pruner(
+            tune_cfg.pruner,
+            n_startup_trials=tune_cfg.n_startup_trials,
+            n_warmup_steps=tune_cfg.n_warmup_steps,
+            max_epochs=cfg.trainer.max_epochs,
+        ),
+        load_if_exists=True,
+    )
+    done = finished_trials(study)
+    if done:
+        log.info("Resuming study %r from %s: %d trials finished", study.study_name, url, len(done))
+    return study
+
+
+def finished_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    return study.get_trials(deepcopy=False, states=states)
+
+
+def tune(cfg: DictConfig, run: Callable[..., dict[str, Any]] = train) -> optuna.Study:
+    """Run trials until ``tune.n_trials`` have finished (counting earlier runs) or ``tune.timeout``; write results.
+
+    Args:
+        cfg: The composed ``conf/tune.yaml``.
+        run: The training function (``train``); tests pass a wrapper.
+    """
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    study = open_study(cfg, out_dir)
+    remaining = cfg.tune.n_trials - len(finished_trials(study))
+    if remaining > 0:
+        states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+        study.optimize(
+            make_objective(cfg, out_dir, run),
+            n_trials=remaining,
+            timeout=cfg.tune.timeout,
+            n_jobs=cfg.tune.n_jobs,
+            callbacks=[optuna.study.MaxTrialsCallback(cfg.tune.n_trials, states=states)],
+            gc_after_trial=True,
+        )
+    write_results(study, out_dir, base_overrides=user_overrides())
+    return study
+
+
+def user_overrides() -> list[str]:
+    """The command line's training overrides (not ``tune.*``/``hparams_search``), to repeat in the best config."""
+    if not HydraConfig.initialized():
+        return []
+    return [o for o in HydraConfig.get().overrides.task if not o.lstrip("+~").startswith(("tune", "hparams_search"))]
+
+
+def write_results(study: optuna.Study, out_dir: Path, base_overrides: list[str] = ()) -> None:  # type: ignore[assignment]
+    """``trials.csv``; ``best_overrides.txt`` and ``tuned/best.yaml`` for the final run; ``plots/``."""
+    write_trials_csv(study, out_dir / RESULTS)
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if not complete:
+        log.warning("No trial completed yet; no best configuration to write.")
+        return
+    best = study.best_trial
+    params = {k: best.params[k] for k in sorted(best.params)}
+    overrides = [o for o in base_overrides if o.split("=", 1)[0].lstrip("+~") not in params]
+    overrides += [f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in params.items()]
+    (out_dir / BEST_OVERRIDES).write_text("\n".join(overrides) + "\n")
+    best_cfg = OmegaConf.create()
+    for key, value in params.items():
+        OmegaConf.update(best_cfg, key, value, force_add=True)
+    header = (
+        f"# @package _global_\n# Best of study {study.study_name!r}: trial {best.number}, objective {best.value:.6g}.\n"
+        f"# python -m dogbreed.train -cd {out_dir} +tuned=best {' '.join(base_overrides)}\n"
+    )
+    (out_dir / BEST_CONFIG).parent.mkdir(parents=True, exist_ok=True)
+    (out_dir / BEST_CONFIG).write_text(header + OmegaConf.to_yaml(best_cfg))
+    log.info(
+        "Best trial %d: objective %.4f with %s\nFinal run: python -m dogbreed.train %s",
+        best.number, best.value, params, " ".join(overrides),
+    )  # fmt: skip
+    write_plots(study, out_dir / "plots")
+
+
+def write_trials_csv(study: optuna.Study, path: Path) -> None:
+    """One row per trial: trial, state, objective, epochs run, duration, then each parameter."""
+    trials = study.get_trials(deepcopy=False)
+    names = sorted({k for t in trials for k in t.params})
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["trial", "state", "objective", "epochs", "duration_s", *names])
+        for t in trials:
+            duration = t.duration.total_seconds() if t.duration else None
+            writer.writerow(
+                [t.number, t.state.name, t.value, t.user_attrs.get(EPOCHS_ATTR, 0), duration]
+                + [t.params.get(k) for k in names]
+            )
+
+
+def write_plots(study: optuna.Study, plot_dir: Path) -> None:
+    """Optimisation history, parameter importance and parallel coordinates as PNGs (matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as ovm
+
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    plots = {
+        "optimization_history": ovm.plot_optimization_history,
+        "param_importances": ovm.plot_param_importances,
+        "parallel_coordinate": ovm.plot_parallel_coordinate,
+    }
+    for name, plot in plots.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # experimental-API and degenerate-axis warnings from small studies
+            try:
+                ax = plot(study)
+            except (ValueError, RuntimeError, ZeroDivisionError) as err:  # e.g. importance needs 2+ trials
+                log.warning("Skipped plot %s: %s", name, err)
+                continue
+        fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+        fig.savefig(plot_dir / f"{name}.png", dpi=100, bbox_inches="tight")
+        plt.close(fig)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="tune")
+def main(cfg: DictConfig) -> float | None:
+    """Hydra entry point; user errors end with one clear message instead of a traceback."""
+    try:
+        study = tune(cfg)
+    except (DataError, WeightsError, TuneConfigError) as err:
+        log.error("%s", err)
+        sys.exit(2)
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    return study.best_value if complete else None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""Local tuning: search-space checks, pruning, resume after an interruption, and the best config trains."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import optuna
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from dogbreed import tune as tune_mod
+from dogbreed.train import CONFIG_DIR, train
+
+from .conftest import compose_config, make_small
+
+GOOD = {"model.lr": 1.0e-3, "model.weight_decay": 1.0e-4, "data.batch_size": 16}
+BAD = {"model.lr": 1.0e-5, "model.weight_decay": 1.0e-4, "data.batch_size": 16}
+
+
+def compose_tune(overrides: list[str]) -> DictConfig:
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
+        return compose("tune", overrides=overrides)
+
+
+@pytest.fixture
+def tune_cfg(tmp_path: Path) -> DictConfig:
+    """The demo tuned for seconds: 2 epochs of 4 batches of 32 px images, full validation."""
+    cfg = make_small(compose_tune(["experiment=demo"]), tmp_path)
+    with open_dict(cfg):
+        cfg.trainer.max_epochs = 2
+        cfg.trainer.limit_val_batches = 1.0
+        cfg.data.image_size = 32
+        cfg.data.resize_size = 36
+        cfg.tune.update(n_trials=2, n_startup_trials=1, n_warmup_steps=0, pruner="median", heartbeat_interval=None)
+    return cfg
+
+
+def test_search_space_is_shared_and_checked(tune_cfg: DictConfig) -> None:
+    space = tune_mod.search_space(tune_cfg)
+    assert space["model.lr"] == {"type": "float", "low": 1e-5, "high": 1e-2, "log": True}
+    assert space["data.batch_size"]["choices"] == [16, 32, 64, 128]
+    assert tune_cfg.optimized_metric == "val/acc" and tune_cfg.hparams_search.direction == "maximize"
+
+    bad = tune_cfg.copy()
+    bad.hparams_search.params["model.lr"].low = "1e-5"  # what YAML gives for 1e-5 without a dot
+    with pytest.raises(tune_mod.TuneConfigError, match=r"model\.lr.*1\.0e-5"):
+        tune_mod.search_space(bad)
+    bad.hparams_search.params["model.lr"] = {"type": "uniform", "low": 0.1, "high": 1.0}
+    with pytest.raises(tune_mod.TuneConfigError, match="float, int or categorical"):
+        tune_mod.search_space(bad)
+    with pytest.raises(tune_mod.TuneConfigError, match=r"tune\.pruner"):
+        tune_mod.make_pruner("asha", n_startup_trials=1, n_warmup_steps=0, max_epochs=2)
+
+
+def test_trial_config_applies_values(tune_cfg: DictConfig, tmp_path: Path) -> None:
+    cfg = tune_mod.trial_config(tune_cfg, GOOD, tmp_path / "t0")
+    assert (cfg.model.lr, cfg.data.batch_size, cfg.test) == (1e-3, 16, False)
+    assert cfg.paths.checkpoint_dir == str(tmp_path / "t0" / "checkpoints")
+    assert "tune" not in cfg and "hparams_search" not in cfg
+
+
+@pytest.mark.slow
+def test_tune_prunes_resumes_and_best_config_trains(tune_cfg: DictConfig, tmp_path: Path) -> None:
+    out = Path(tune_cfg.paths.output_dir)
+    out.mkdir(parents=True)
+    # a good trial, then one whose lr is too small to learn in 8 steps: the median pruner stops it
+    study = optuna.create_study(
+        study_name=tune_cfg.tune.study_name, storage=f"sqlite:///{out / 'study.db'}", direction="maximize"
+    )
+    study.enqueue_trial(GOOD)
+    study.enqueue_trial(BAD)
+    study = tune_mod.tune(tune_cfg)
+    states = [t.state for t in study.trials]
+    assert states == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED]
+    assert study.trials[1].user_attrs["epochs"] == 1
+
+    # an interrupted run (Ctrl-C during a trial) leaves a failed trial; the next run finishes the study
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with open_dict(tune_cfg):
+        tune_cfg.tune.n_trials = 3
+    with pytest.raises(KeyboardInterrupt):
+        tune_mod.tune(tune_cfg, run=interrupted)
+    study = tune_mod.tune(tune_cfg)
+    counts = {s: sum(t.state == s for t in study.trials) for s in optuna.trial.TrialState}
+    assert counts[optuna.trial.TrialState.FAIL] == 1
+    assert counts[optuna.trial.TrialState.COMPLETE] + counts[optuna.trial.TrialState.PRUNED] == 3
+
+    with open(out / "trials.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["state"] for r in rows][:3] == ["COMPLETE", "PRUNED", "FAIL"]
+    assert rows[0]["epochs"] == "2" and float(rows[0]["duration_s"]) > 0 and rows[0]["model.lr"] == "0.001"
+    assert {"optimization_history.png", "parallel_coordinate.png"} <= {p.name for p in (out / "plots").iterdir()}
+
+    best = OmegaConf.load(out / "tuned" / "best.yaml")
+    assert best.model.lr == study.best_params["model.lr"]
+    overrides = (out / "best_overrides.txt").read_text().split()
+    assert f"model.lr={study.best_params['model.lr']}" in overrides
+    final = make_small(compose_config(["experiment=demo", *overrides]), tmp_path / "final")
+    with open_dict(final):
+        final.data.image_size, final.data.resize_size = 32, 36
+    assert final.model.lr == study.best_params["model.lr"]
+    train(final)
+    assert (tmp_path / "final" / "run" / "model" / "model.pt").is_file()
