@@ -67,7 +67,11 @@ def stage(source: str | Path, cache_dir: str | Path | None = None, *, endpoint_u
     if not is_remote(source):
         path = Path(source).expanduser()
         if not path.is_dir():
-            raise DataError(f"data.source={source!r} is not a folder, s3:// URI or https:// archive.")
+            what = "is a file, not a folder" if path.exists() else "does not exist"
+            raise DataError(
+                f"data.source={source!r} {what}: give a folder in the dogImages layout, s3://bucket/prefix "
+                "or an https://...zip archive."
+            )
         return path
     target = state_dir(source, cache_dir)
     target.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,101 @@
+"""Every option of every config group composes and instantiates."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+from hydra.utils import instantiate
+from omegaconf import open_dict
+
+from dogbreed import DogBreedClassifier, DogBreedDataModule
+from dogbreed.train import CONFIG_DIR, instantiate_group
+
+from .conftest import compose_config, make_small
+
+
+def options(group: str) -> list[str]:
+    return sorted(
+        p.relative_to(CONFIG_DIR / group).with_suffix("").as_posix() for p in (CONFIG_DIR / group).glob("*.yaml")
+    )
+
+
+def test_groups_are_discovered():
+    assert {"demo", "dogimages"} <= set(options("data"))
+    assert {"cpu", "gpu", "ddp", "default"} <= set(options("trainer"))
+
+
+@pytest.mark.parametrize("option", options("data"))
+def test_data_options(option, tmp_path):
+    cfg = make_small(compose_config([f"data={option}"]), tmp_path)
+    dm = instantiate(cfg.data)
+    assert isinstance(dm, DogBreedDataModule)
+    assert dm.preprocessing.image_size == cfg.data.image_size
+
+
+@pytest.mark.parametrize("option", options("model/optimizer"))
+@pytest.mark.parametrize("scheduler", options("model/scheduler"))
+def test_model_optimizer_and_scheduler_options(option, scheduler, tmp_path):
+    cfg = make_small(
+        compose_config([f"model/optimizer={option}", f"model/scheduler={scheduler}", "model.weights=null"]), tmp_path
+    )
+    model = instantiate(cfg.model)
+    assert isinstance(model, DogBreedClassifier) and model.hparams.num_classes == 133
+    trainer = L.Trainer(max_steps=10, accelerator="cpu", logger=False)
+    model.trainer = trainer
+    configured = model.configure_optimizers()
+    optimizer = configured["optimizer"] if isinstance(configured, dict) else configured
+    assert type(optimizer).__name__.lower() == option
+    assert isinstance(configured, dict) == (scheduler != "constant")
+
+
+@pytest.mark.parametrize("option", options("callbacks"))
+def test_callback_options(option, tmp_path):
+    cfg = compose_config([f"callbacks={option}", f"paths.output_dir={tmp_path}"])
+    callbacks = instantiate_group(cfg.callbacks, "callback")
+    assert all(isinstance(c, L.Callback) for c in callbacks)
+    assert (len(callbacks) > 0) == (option != "none")
+    if option in ("default", "finetuning"):
+        assert any(type(c).__name__ == "ModelCheckpoint" for c in callbacks)
+
+
+@pytest.mark.parametrize("option", [o for o in options("logger") if o not in ("tensorboard", "many")])
+def test_logger_options(option, tmp_path):
+    cfg = make_small(compose_config([f"logger={option}"]), tmp_path)
+    loggers = instantiate_group(cfg.logger, "logger")
+    assert (len(loggers) > 0) == (option != "none")
+
+
+@pytest.mark.parametrize("option", ["tensorboard", "many"])
+def test_tensorboard_logger_options_compose(option):
+    cfg = compose_config([f"logger={option}"])
+    assert "tensorboard" in cfg.logger and cfg.logger.tensorboard._target_.endswith("TensorBoardLogger")
+
+
+@pytest.mark.parametrize("option", options("trainer"))
+def test_trainer_options(option, tmp_path):
+    cfg = make_small(compose_config([f"trainer={option}"]), tmp_path)
+    if option in ("gpu", "ddp"):
+        assert cfg.trainer.precision in ("bf16-mixed", "16-mixed")
+        assert option != "gpu" or cfg.model.channels_last
+        with open_dict(cfg):  # the CI machine has no GPU: build the same Trainer on the CPU
+            cfg.trainer.accelerator = "cpu"
+            cfg.trainer.precision = "bf16-mixed"
+            cfg.trainer.devices = 2 if option == "ddp" else 1
+    trainer = instantiate(cfg.trainer)
+    assert isinstance(trainer, L.Trainer)
+
+
+@pytest.mark.parametrize("option", options("experiment"))
+def test_experiment_options(option, tmp_path):
+    cfg = make_small(compose_config([f"experiment={option}"]), tmp_path)
+    assert cfg.model.num_classes == cfg.data.num_classes
+    dm = instantiate(cfg.data)
+    assert isinstance(dm, DogBreedDataModule)
+
+
+def test_demo_points_at_the_embedded_data():
+    cfg = compose_config(["experiment=demo"])
+    assert Path(cfg.data.source, "train", "001.T-shirt_top").is_dir()
+    assert cfg.model.weights is None

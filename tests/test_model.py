@@ -1,0 +1,169 @@
+"""Model: backbone factory, pretrained-weight loading from files, a learning step, fine-tuning schedule."""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import urllib.error
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from dogbreed.callbacks import BackboneFreezeUnfreeze
+from dogbreed.models import DogBreedClassifier, WeightsError, create_backbone
+from dogbreed.models.schedulers import cosine_with_warmup, step_decay
+
+from .conftest import SHARED
+
+MOBILENET = SHARED / "weights" / "mobilenet_v2_imagenet_backbone.pth"
+needs_mobilenet = pytest.mark.skipif(not MOBILENET.is_file(), reason=f"{MOBILENET} not present")
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "mobilenet_v2", "efficientnet_b0"])
+def test_logits_have_one_column_per_class_and_no_nans(backbone):
+    model = DogBreedClassifier(num_classes=7, backbone=backbone, weights=None).eval()
+    with torch.no_grad():
+        logits = model(torch.randn(2, 3, 64, 64))
+    assert logits.shape == (2, 7)
+    assert torch.isfinite(logits).all()
+
+
+def test_one_optimisation_step_lowers_the_loss_on_a_fixed_batch():
+    torch.manual_seed(0)
+    model = DogBreedClassifier(num_classes=5, weights=None, lr=1e-3)
+    model.train()
+    x, y = torch.randn(8, 3, 64, 64), torch.arange(8) % 5
+    optimizer = model.optimizer_factory(model.parameters(), lr=1e-3, weight_decay=0.0)
+    losses = []
+    for _ in range(2):
+        loss = model.criterion(model(x), y)
+        losses.append(loss.item())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert losses[1] < losses[0]
+
+
+def test_unknown_backbone_lists_the_choices():
+    with pytest.raises(ValueError, match=r"not a torchvision classification model; choose from .*resnet18"):
+        create_backbone("resnet19", 3)
+
+
+def test_unknown_weights_name_lists_the_choices():
+    with pytest.raises(WeightsError, match="choose from \\['IMAGENET1K_V1'\\]"):
+        create_backbone("resnet18", 3, "IMAGENET22K")
+
+
+def test_no_network_fails_fast_with_how_to_supply_a_file(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty cache: torchvision must download
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("Temporary failure in name resolution")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(WeightsError, match=r"model.weights=/path/to/resnet18-f37072fd.pth"):
+        create_backbone("resnet18", 133, "IMAGENET1K_V1")
+
+
+@needs_mobilenet
+def test_real_pretrained_backbone_loads_from_a_file_with_only_the_head_missing(caplog):
+    bn = functools.partial(nn.BatchNorm2d, eps=1e-3)
+    file_state = torch.load(MOBILENET, weights_only=True)
+    model, head = create_backbone("mobilenet_v2", 133, str(MOBILENET), norm_layer=bn)
+    assert head == "classifier.1"
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in file_state.items())
+    assert model(torch.rand(1, 3, 96, 96)).shape == (1, 133)
+
+
+@needs_mobilenet
+def test_a_file_that_does_not_fit_fails_with_the_mismatched_shapes(tmp_path):
+    state = torch.load(MOBILENET, weights_only=True)
+    state["features.0.0.weight"] = torch.zeros(16, 3, 3, 3)
+    bad = tmp_path / "bad.pth"
+    torch.save(state, bad)
+    with pytest.raises(WeightsError, match=r"features.0.0.weight: file \(16, 3, 3, 3\) vs model \(32, 3, 3, 3\)"):
+        create_backbone("mobilenet_v2", 10, str(bad))
+
+
+@needs_mobilenet
+def test_a_file_for_another_backbone_names_the_missing_keys():
+    with pytest.raises(WeightsError, match=r"does not match the backbone: missing \['conv1.weight'"):
+        create_backbone("resnet18", 10, str(MOBILENET))
+
+
+def test_full_checkpoint_with_imagenet_head_is_accepted_and_head_replaced(tmp_path):
+    source, _ = create_backbone("resnet18", 1000)
+    torch.save(source.state_dict(), tmp_path / "resnet18.pth")
+    model, _ = create_backbone("resnet18", 133, str(tmp_path / "resnet18.pth"))
+    assert model.fc.out_features == 133
+    assert torch.equal(model.conv1.weight, source.conv1.weight)
+
+
+def test_files_are_loaded_without_unpickling_code(tmp_path):
+    torch.save({"conv1.weight": torch.zeros(1), "evil": functools.partial(print, "pwned")}, tmp_path / "x.pth")
+    with pytest.raises(Exception, match=r"Weights only load failed|Unsupported global"):
+        create_backbone("resnet18", 3, str(tmp_path / "x.pth"))
+
+
+def test_schedules_warm_up_decay_and_step():
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    cosine = cosine_with_warmup(opt, total_steps=100, warmup_fraction=0.1)
+    lrs = []
+    for _ in range(100):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        cosine.step()
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert lrs[-1] < 0.01 and all(a >= b for a, b in itertools.pairwise(lrs[10:]))
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    step = step_decay(opt, total_steps=10, milestones=[0.5], gamma=0.1)
+    for _ in range(5):
+        opt.step()
+        step.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1)
+
+
+def test_backbone_stays_frozen_until_the_unfreeze_epoch_then_trains(tmp_path):
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(16, 3, 32, 32), torch.arange(16) % 4)
+    model = DogBreedClassifier(num_classes=4, weights=None, lr=1e-2)
+    snapshots = {}
+
+    class Snapshot(L.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            snapshots[trainer.current_epoch] = (
+                pl_module.net.conv1.weight.detach().clone(),
+                pl_module.net.fc.weight.detach().clone(),
+            )
+
+    start = model.net.conv1.weight.detach().clone()
+    trainer = L.Trainer(
+        max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        callbacks=[BackboneFreezeUnfreeze(unfreeze_at_epoch=1, backbone_lr_factor=0.5), Snapshot()],
+        enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(model, DataLoader(data, batch_size=8))
+    assert torch.equal(snapshots[0][0], start)  # frozen in epoch 0
+    assert not torch.equal(snapshots[1][0], start)  # trains from epoch 1
+    groups = trainer.optimizers[0].param_groups
+    assert len(groups) == 3 and groups[2]["lr"] == pytest.approx(groups[0]["lr"] * 0.5, rel=0.3)
+
+
+def test_channels_last_model_accepts_plain_batches():
+    model = DogBreedClassifier(num_classes=3, weights=None, channels_last=True).eval()
+    assert model.net.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 32, 32)).shape == (1, 3)
+
+
+def test_weights_path_resolves_user_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    source, _ = create_backbone("resnet18", 3)
+    torch.save(source.state_dict(), Path(tmp_path) / "w.pth")
+    model, _ = create_backbone("resnet18", 3, "~/w.pth")
+    assert torch.equal(model.fc.weight, source.fc.weight)

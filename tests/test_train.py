@@ -1,0 +1,101 @@
+"""End to end: the demo trains, tests, exports; an interrupted run resumes; the CLI speaks clearly."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+from omegaconf import open_dict
+
+from dogbreed.artifacts import read_model_dir
+from dogbreed.train import train
+
+DEMO_MIN_TEST_ACC = 0.5  # 10 classes: chance is 0.1; three epochs reach about 0.7
+
+
+@pytest.mark.slow
+def test_demo_trains_tests_and_exports(demo_cfg, tmp_path):
+    with open_dict(demo_cfg):
+        demo_cfg.trainer.max_epochs = 3
+        for key in ("limit_train_batches", "limit_val_batches", "limit_test_batches"):
+            demo_cfg.trainer.pop(key)
+    metrics = train(demo_cfg)
+    run = Path(demo_cfg.paths.output_dir)
+    saved = json.loads((run / "metrics.json").read_text())
+    assert saved["test/acc"] == pytest.approx(metrics["test/acc"])
+    assert saved["test/acc"] >= DEMO_MIN_TEST_ACC, saved
+    assert set(saved["test/per_class_acc"]) == {"T-shirt_top", "Trouser", "Pullover", "Dress", "Coat",
+                                                "Sandal", "Shirt", "Sneaker", "Bag", "Ankle_boot"}  # fmt: skip
+    assert {"test/acc_top5", "test/f1_macro", "test/loss"} <= set(saved)
+    assert metrics["objective"] == pytest.approx(metrics["best_val/acc"])
+    assert (run / "confusion_matrix.png").stat().st_size > 1000
+    assert len((run / "confusion_matrix.csv").read_text().splitlines()) == 11
+    exported = read_model_dir(run / "model")
+    assert exported.class_names[0] == "T-shirt_top" and exported.preprocessing.image_size == 56
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    (logged,) = run.glob("csv/version_*/metrics.csv")
+    assert "val/acc" in logged.read_text().splitlines()[0]
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+class _CrashMidEpoch(L.Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.current_epoch == 1 and batch_idx == 2:
+            raise _Crash("killed mid-epoch")
+
+
+class _EpochsStarted(L.Callback):
+    def __init__(self) -> None:
+        self.started: list[int] = []
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.started.append(trainer.current_epoch)
+
+
+def test_a_run_killed_mid_epoch_resumes_without_redoing_finished_epochs(demo_cfg):
+    with open_dict(demo_cfg):
+        demo_cfg.trainer.max_epochs = 3
+    with pytest.raises(_Crash):
+        train(demo_cfg, extra_callbacks=[_CrashMidEpoch()])
+    last = Path(demo_cfg.paths.checkpoint_dir) / "last.ckpt"
+    assert last.is_file()
+    with open_dict(demo_cfg):
+        demo_cfg.ckpt_path = str(last)
+    seen = _EpochsStarted()
+    train(demo_cfg, extra_callbacks=[seen])
+    assert seen.started == [1, 2]  # epoch 0 finished before the crash and is not redone
+    assert len(list(Path(demo_cfg.paths.output_dir).glob("csv/version_*/metrics.csv"))) == 2  # no log overwritten
+    assert json.loads(Path(demo_cfg.paths.output_dir, "metrics.json").read_text())["epochs"] == 3
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "dogbreed.train", *args], cwd=cwd, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_cli_prints_the_composed_config(tmp_path):
+    done = _cli("experiment=demo", "--cfg", "job", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "_target_: dogbreed.data.DogBreedDataModule" in done.stdout
+    assert "num_classes: ${data.num_classes}" in done.stdout
+
+
+def test_cli_help_lists_the_config_groups(tmp_path):
+    done = _cli("--help", cwd=tmp_path)
+    assert done.returncode == 0
+    assert "experiment: demo, dogimages" in done.stdout and "trainer: cpu, ddp, default, gpu" in done.stdout
+
+
+def test_cli_bad_source_is_one_clear_line_not_a_traceback(tmp_path):
+    done = _cli("experiment=demo", f"data.source={tmp_path}/nowhere", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+    assert done.returncode == 2
+    assert "does not exist: give a folder in the dogImages layout" in done.stderr + done.stdout
+    assert "Traceback" not in done.stderr
