@@ -106,11 +106,19 @@ class Preprocessing:
         return v2.Compose(
             [
                 v2.PILToTensor(),
-                v2.Resize(self.resize_size, interpolation=self._interpolation, antialias=True),
+                self.resize_transform(),
                 v2.CenterCrop(self.image_size),
                 *self._normalize(),
             ]
         )
+
+    def resize_transform(self) -> v2.Resize:
+        """Short side to ``resize_size``: the first step of :meth:`eval_transform`, and what the image cache stores.
+
+        Resizing an image that already has this size returns it unchanged, so the eval transform gives the
+        same tensor for a cached image as for the original file.
+        """
+        return v2.Resize(self.resize_size, interpolation=self._interpolation, antialias=True)
 
     def _normalize(self) -> list[torch.nn.Module]:
         return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(self.mean), std=list(self.std))]

@@ -5,11 +5,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.accelerators import CPUAccelerator
 from torch.utils.data import DataLoader, Dataset
 
+from dogbreed.data.cache import CachedImageDataset, DecodedImageCache, load_or_build
+from dogbreed.data.decode import DecodedImageDataset, auto_num_workers, check_decoder
+from dogbreed.data.device_aug import BatchAugment, UInt8Batch
 from dogbreed.data.layout import DataError, DatasetIndex, build_index
 from dogbreed.data.staging import default_cache_dir, stage, state_dir
 from dogbreed.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, load_rgb
@@ -42,11 +47,17 @@ class DogBreedDataModule(L.LightningDataModule):
         endpoint_url: S3 endpoint for S3-compatible servers (``AWS_ENDPOINT_URL`` also works).
         num_classes: Expected class count; ``None`` accepts whatever the data has.
         batch_size: Images per batch (per device under DDP).
-        num_workers: DataLoader worker processes.
+        num_workers: DataLoader worker processes; ``auto`` uses every available core but one.
         pin_memory: Page-locked batches for faster host-to-GPU copies.
         persistent_workers: Keep workers alive between epochs.
         verify_images: Decode every image once to exclude corrupt files before training.
         image_size, resize_size, mean, std, crop_scale, hflip, color_jitter: see :class:`Preprocessing`.
+        decoder: ``torchvision`` (libjpeg-turbo for JPEGs, PIL for other formats) or ``pil``; same pixels.
+        cache: Decode each image once into a memory-mapped uint8 cache (short side ``resize_size``) in the
+            source's state folder under ``cache_dir``; later epochs and runs skip decoding.
+        cache_max_gb: Largest cache to write; above it (or the free disk space) images are decoded every epoch.
+        device_augment: Random-resized-crop, flip, jitter and normalisation of training batches after they
+            reach the device, so workers only move uint8; ``auto``: on when the trainer uses an accelerator.
     """
 
     def __init__(
@@ -57,7 +68,7 @@ class DogBreedDataModule(L.LightningDataModule):
         endpoint_url: str | None = None,
         num_classes: int | None = None,
         batch_size: int = 32,
-        num_workers: int = 2,
+        num_workers: int | Literal["auto"] = 2,
         pin_memory: bool = False,
         persistent_workers: bool = False,
         verify_images: bool = True,
@@ -68,10 +79,20 @@ class DogBreedDataModule(L.LightningDataModule):
         crop_scale: Sequence[float] = (0.08, 1.0),
         hflip: bool = True,
         color_jitter: float = 0.0,
+        decoder: str = "torchvision",
+        cache: bool = True,
+        cache_max_gb: float = 20.0,
+        device_augment: bool | Literal["auto"] = "auto",
     ) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {batch_size}.")
+        if num_workers == "auto":
+            num_workers = auto_num_workers()
+        elif not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"data.num_workers must be an integer >= 0 or 'auto', got {num_workers!r}.")
+        if device_augment not in (True, False, "auto"):
+            raise ValueError(f"data.device_augment must be true, false or auto, got {device_augment!r}.")
         self.source = str(source)
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         self.endpoint_url = endpoint_url
@@ -85,8 +106,14 @@ class DogBreedDataModule(L.LightningDataModule):
             image_size=image_size, resize_size=resize_size, mean=tuple(mean), std=tuple(std),
             crop_scale=tuple(crop_scale), hflip=hflip, color_jitter=color_jitter,
         )  # fmt: skip
+        self.decoder = check_decoder(decoder)
+        self.cache = cache
+        self.cache_max_gb = cache_max_gb
+        self.device_augment = device_augment
+        self.batch_augment = BatchAugment(self.preprocessing)
+        self.augment_on_device = False
         self._index: DatasetIndex | None = None
-        self.datasets: dict[str, ImageListDataset] = {}
+        self.datasets: dict[str, Dataset] = {}
 
     def prepare_data(self) -> None:
         """Stage and check the data (safe to call from several processes: staging is file-locked)."""
@@ -121,15 +148,47 @@ class DogBreedDataModule(L.LightningDataModule):
         if self.datasets:
             return
         index = self.index
-        train_tf, eval_tf = self.preprocessing.train_transform(), self.preprocessing.eval_transform()
-        self.datasets = {
-            split: ImageListDataset(index.root, index.samples[split], train_tf if split == "train" else eval_tf)
-            for split in index.samples
-        }
+        self.augment_on_device = self._resolve_device_augment()
+        self.datasets = self._make_datasets(index, self._open_cache(index) if self.cache else None)
         counts = {split: len(ds) for split, ds in self.datasets.items()}
         log.info("Data %s: %d classes, %s images", index.root, len(index.classes), counts)
 
+    def _resolve_device_augment(self) -> bool:
+        if self.device_augment == "auto":
+            return self.trainer is not None and not isinstance(self.trainer.accelerator, CPUAccelerator)
+        return bool(self.device_augment)
+
+    def _open_cache(self, index: DatasetIndex) -> DecodedImageCache | None:
+        folder = state_dir(self.source, self.cache_dir) / "decoded-images"
+        return load_or_build(
+            folder, index.root, _all_files(index), self.preprocessing,
+            decoder=self.decoder, max_bytes=int(self.cache_max_gb * 1e9), num_workers=self.num_workers,
+        )  # fmt: skip
+
+    def _make_datasets(self, index: DatasetIndex, cache: DecodedImageCache | None) -> dict[str, Dataset]:
+        """Per split: cached or decoded images, then the CPU transform (none for device-augmented training).
+
+        Training on the device, or from the cache, crops from the image resized to ``resize_size`` rather
+        than from the original: workers then move small uint8 images.
+        """
+        p = self.preprocessing
+        eval_tf = p.eval_transform()
+        train_tf = p.train_transform()
+        if self.augment_on_device:  # workers hand over uint8 images at short side resize_size
+            train_tf = None if cache else p.resize_transform()
+        datasets: dict[str, Dataset] = {}
+        position = {rel: i for i, rel in enumerate(_all_files(index))}
+        for split, samples in index.samples.items():
+            transform = train_tf if split == "train" else eval_tf
+            if cache is not None:
+                positions = [position[rel] for rel, _ in samples]
+                datasets[split] = CachedImageDataset(cache, positions, [label for _, label in samples], transform)
+            else:
+                datasets[split] = DecodedImageDataset(index.root, samples, transform, self.decoder)
+        return datasets
+
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        on_device = split == "train" and self.augment_on_device
         return DataLoader(
             self.datasets[split],
             batch_size=self.batch_size,
@@ -138,7 +197,14 @@ class DogBreedDataModule(L.LightningDataModule):
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,
             drop_last=shuffle and len(self.datasets[split]) > self.batch_size,
+            collate_fn=self.batch_augment.collate if on_device else None,
         )
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Augment uint8 training batches where they now are (the accelerator, or the CPU)."""
+        if isinstance(batch, UInt8Batch):
+            return self.batch_augment.apply(batch)
+        return batch
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
@@ -148,3 +214,8 @@ class DogBreedDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
+
+
+def _all_files(index: DatasetIndex) -> list[str]:
+    """Every usable file of every split, in the order the decoded-image cache stores them."""
+    return sorted({rel for samples in index.samples.values() for rel, _ in samples})

@@ -34,6 +34,8 @@ class DogBreedClassifier(L.LightningModule):
         optimizer: ``partial`` optimiser class taking ``(params, lr=, weight_decay=)``; AdamW when None.
         scheduler: ``partial`` taking ``(optimizer, total_steps=)``, stepped every step; constant lr when None.
         channels_last: Use the NHWC memory format (faster convolutions with AMP on tensor-core GPUs).
+        compile: ``torch.compile`` the network in place (state-dict keys stay unchanged); pays a one-off
+            compilation at the first batches, so it helps long runs on GPUs.
         backbone_kwargs: Extra torchvision constructor arguments.
         weights_cache_dir: Cache for ``s3://`` weight files.
     """
@@ -49,6 +51,7 @@ class DogBreedClassifier(L.LightningModule):
         optimizer: OptimizerFactory | None = None,
         scheduler: SchedulerFactory | None = None,
         channels_last: bool = False,
+        compile: bool = False,
         backbone_kwargs: dict[str, Any] | None = None,
         weights_cache_dir: str | Path | None = None,
     ) -> None:
@@ -59,6 +62,8 @@ class DogBreedClassifier(L.LightningModule):
         )
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
+        if compile:
+            self.net.compile()
         self.optimizer_factory = optimizer or partial(torch.optim.AdamW)
         self.scheduler_factory = scheduler or None  # the empty group model/scheduler=constant means none
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)

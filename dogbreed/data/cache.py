@@ -1,0 +1,263 @@
+"""A decoded-image cache: every image decoded once, resized, stored as uint8 in one memory-mapped file.
+
+Later epochs and later runs read raw pixels instead of decoding JPEGs. The cache stores the output of
+:meth:`Preprocessing.resize_transform` (short side to ``resize_size``), the first step of the eval
+transform; resizing an image that already has that size is a no-op, so eval tensors from the cache are
+identical to those computed from the files, and to what serving computes.
+
+Files in ``<folder>``: ``images.u8`` (pixels, back to back), ``index.npy`` (offset, height, width per
+image) and ``meta.json``, written last: the completion marker, holding the key (dataset file list with
+sizes and mtimes, resize settings, decoder) and CRC-32 checksums of the other two. Everything is written
+under temporary names and renamed, so an interrupted build leaves no ``meta.json`` and is rebuilt;
+a truncated or corrupted file fails its checksum and is rebuilt too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from dogbreed.data.decode import DecodedImageDataset
+from dogbreed.transforms import Preprocessing
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+DATA, INDEX, META = "images.u8", "index.npy", "meta.json"
+_CHUNK = 64 << 20
+_EXIF_ORIENTATION, _TRANSPOSED = 0x0112, {5, 6, 7, 8}
+
+
+def cache_key(root: Path, rel_paths: Sequence[str], preprocessing: Preprocessing, decoder: str) -> str:
+    """What the cached pixels depend on: every file (path, size, mtime), the resize settings and the decoder."""
+    digest = hashlib.sha256(
+        json.dumps(
+            {
+                "version": CACHE_VERSION,
+                "resize_size": preprocessing.resize_size,
+                "interpolation": preprocessing.interpolation,
+                "decoder": decoder,
+            }
+        ).encode()
+    )
+    for rel in rel_paths:
+        stat = (root / rel).stat()
+        digest.update(f"{rel}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def resized_hw(height: int, width: int, size: int) -> tuple[int, int]:
+    """Height and width after resizing the short side to ``size`` (torchvision's rounding)."""
+    short, long = (width, height) if width <= height else (height, width)
+    new_long = int(size * long / short)
+    return (new_long, size) if width <= height else (size, new_long)
+
+
+def estimate_bytes(root: Path, rel_paths: Sequence[str], resize_size: int) -> int:
+    """Cache size from the image headers alone (no decoding), EXIF rotation included."""
+    total = 0
+    for rel in rel_paths:
+        try:
+            with Image.open(root / rel) as image:
+                width, height = image.size
+                if image.getexif().get(_EXIF_ORIENTATION) in _TRANSPOSED:
+                    width, height = height, width
+        except OSError:  # unreadable: the build names the file
+            continue
+        h, w = resized_hw(height, width, resize_size)
+        total += 3 * h * w
+    return total
+
+
+class DecodedImageCache:
+    """Read access to a complete cache; open it with :func:`load_or_build`."""
+
+    def __init__(self, folder: Path, index: np.ndarray) -> None:
+        self.folder = folder
+        self.index = index
+        self._pixels: np.memmap | None = None
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if self._pixels is None:  # opened lazily so that each DataLoader worker maps the file itself
+            self._pixels = np.memmap(self.folder / DATA, dtype=np.uint8, mode="r")
+        offset, height, width = (int(v) for v in self.index[i])
+        pixels = np.array(self._pixels[offset : offset + 3 * height * width])
+        return torch.from_numpy(pixels).view(3, height, width)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_pixels": None}
+
+    @property
+    def nbytes(self) -> int:
+        return int((self.folder / DATA).stat().st_size)
+
+
+class CachedImageDataset(Dataset):
+    """Images of one split read from a :class:`DecodedImageCache`, then ``transform`` (if any)."""
+
+    def __init__(
+        self,
+        cache: DecodedImageCache,
+        positions: Sequence[int],
+        labels: Sequence[int],
+        transform: Callable[[torch.Tensor], torch.Tensor] | None,
+    ) -> None:
+        self.cache = cache
+        self.positions = list(positions)
+        self.labels = list(labels)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        image = self.cache[self.positions[i]]
+        return (self.transform(image) if self.transform else image), self.labels[i]
+
+
+def _crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def open_cache(folder: Path, key: str) -> DecodedImageCache | None:
+    """The cache in ``folder`` if it is complete, intact and built for ``key``; else None (with the reason logged)."""
+    try:
+        meta = json.loads((folder / META).read_text())
+    except (OSError, ValueError):
+        return None
+    reason = None
+    if meta.get("key") != key or meta.get("version") != CACHE_VERSION:
+        reason = "the dataset or the resize settings changed"
+    elif not (folder / DATA).is_file() or (folder / DATA).stat().st_size != meta.get("nbytes"):
+        reason = f"{DATA} has the wrong size (interrupted or truncated)"
+    elif not (folder / INDEX).is_file() or _crc32(folder / INDEX) != meta.get("index_crc32"):
+        reason = f"{INDEX} fails its checksum"
+    elif _crc32(folder / DATA) != meta.get("crc32"):
+        reason = f"{DATA} fails its checksum (corrupted)"
+    if reason:
+        log.warning("Decoded-image cache %s is stale: %s; rebuilding it.", folder, reason)
+        return None
+    return DecodedImageCache(folder, np.load(folder / INDEX))
+
+
+def build_cache(
+    folder: Path,
+    key: str,
+    root: Path,
+    rel_paths: Sequence[str],
+    preprocessing: Preprocessing,
+    decoder: str,
+    num_workers: int = 0,
+) -> DecodedImageCache:
+    """Decode and resize every image into ``folder`` (temporary names, renamed when complete)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / META).unlink(missing_ok=True)  # from here on the old files no longer count as a cache
+    for leftover in folder.glob(".*.tmp"):  # an interrupted build's partial files (builds hold the lock)
+        leftover.unlink()
+    start = time.perf_counter()
+    images = DecodedImageDataset(root, [(rel, 0) for rel in rel_paths], preprocessing.resize_transform(), decoder)
+    loader = DataLoader(images, batch_size=None, num_workers=num_workers)
+    index = np.zeros((len(rel_paths), 3), dtype=np.int64)
+    tmp = {name: folder / f".{name}.{os.getpid()}.tmp" for name in (DATA, INDEX, META)}
+    offset, crc = 0, 0
+    with open(tmp[DATA], "wb") as out:
+        for i, (image, _) in enumerate(loader):
+            buffer = memoryview(image.contiguous().numpy()).cast("B")
+            out.write(buffer)
+            crc = zlib.crc32(buffer, crc)
+            index[i] = (offset, image.shape[1], image.shape[2])
+            offset += buffer.nbytes
+        out.flush()
+        os.fsync(out.fileno())
+    with open(tmp[INDEX], "wb") as f:
+        np.save(f, index)
+    meta = {
+        "version": CACHE_VERSION,
+        "key": key,
+        "count": len(rel_paths),
+        "nbytes": offset,
+        "crc32": crc,
+        "index_crc32": _crc32(tmp[INDEX]),
+        "resize_size": preprocessing.resize_size,
+    }
+    tmp[META].write_text(json.dumps(meta, indent=1))
+    for name in (DATA, INDEX, META):  # META last: it marks the cache complete
+        os.replace(tmp[name], folder / name)
+    log.info("Cached %d decoded images (%.2f GB) in %.1f s", len(rel_paths), offset / 1e9, time.perf_counter() - start)
+    return DecodedImageCache(folder, index)
+
+
+@contextlib.contextmanager
+def _locked(lock_path: Path) -> Iterator[None]:
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def load_or_build(
+    folder: Path,
+    root: Path,
+    rel_paths: Sequence[str],
+    preprocessing: Preprocessing,
+    *,
+    decoder: str = "torchvision",
+    max_bytes: int,
+    num_workers: int = 0,
+) -> DecodedImageCache | None:
+    """Open the cache for these files and settings, building it first if needed.
+
+    Returns None, after saying why, when the cache would exceed ``max_bytes`` or the free disk space:
+    training then decodes the files every epoch.
+    """
+    key = cache_key(root, rel_paths, preprocessing, decoder)
+    with _locked(folder.with_suffix(".lock")):  # DDP ranks and parallel trials share one build
+        cache = open_cache(folder, key)
+        if cache is not None:
+            log.info("Using the decoded-image cache %s (%.2f GB)", folder, cache.nbytes / 1e9)
+            return cache
+        size = estimate_bytes(root, rel_paths, preprocessing.resize_size)
+        log.info(
+            "Decoded-image cache: %d images at short side %d need %.2f GB in %s (limit data.cache_max_gb=%.1f)",
+            len(rel_paths), preprocessing.resize_size, size / 1e9, folder, max_bytes / 1e9,
+        )  # fmt: skip
+        if size > max_bytes:
+            log.warning(
+                "Not caching: %.2f GB exceeds data.cache_max_gb=%.1f. Raise data.cache_max_gb, lower "
+                "data.resize_size, or set data.cache=false to silence this; images are decoded every epoch.",
+                size / 1e9, max_bytes / 1e9,
+            )  # fmt: skip
+            return None
+        folder.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(folder).free
+        if size > free:
+            log.warning(
+                "Not caching: %.2f GB needed but %s has %.2f GB free; images are decoded every epoch.",
+                size / 1e9, folder, free / 1e9,
+            )  # fmt: skip
+            return None
+        return build_cache(folder, key, root, rel_paths, preprocessing, decoder, num_workers)
