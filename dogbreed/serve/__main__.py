@@ -1,0 +1,93 @@
+"""``python -m dogbreed.serve MODEL --host 127.0.0.1 --port 8080``: serve a model.tar.gz or a run dir locally.
+
+The ``serve`` console script is the same server started the way SageMaker starts a container
+(``docker run IMAGE serve``): model from ``SM_MODEL_DIR`` or ``/opt/ml/model``, all interfaces, port
+``SAGEMAKER_BIND_TO_PORT`` or 8080.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+from dogbreed.serve.handlers import RUNTIMES, Limits, load_model
+from dogbreed.serve.package import extract_package, find_model_dir
+from dogbreed.serve.server import ServerConfig, available_cpus, create_app
+
+log = logging.getLogger("dogbreed.serve")
+
+
+def _parser(*, model_default: str | None, host_default: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m dogbreed.serve", description="Serve a dogbreed model with the SageMaker container contract."
+    )
+    parser.add_argument(
+        "model", nargs="?" if model_default else None, default=model_default,
+        help="model.tar.gz (from python -m dogbreed.package), an unpacked package, or a run dir with model/",
+    )  # fmt: skip
+    limits, config = Limits.from_env(), ServerConfig
+    parser.add_argument("--host", default=host_default, help=f"interface to bind (default: {host_default})")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("SAGEMAKER_BIND_TO_PORT", 8080)))
+    parser.add_argument("--runtime", choices=RUNTIMES, help="override the runtime the package recorded")
+    parser.add_argument("--max-batch-size", type=int, default=config.max_batch_size, help="1 turns batching off")
+    parser.add_argument("--max-delay-ms", type=float, default=config.max_delay_ms, help="longest wait to fill a batch")
+    parser.add_argument("--max-body-mb", type=float, default=config.max_body_bytes / 2**20, help="request size limit")
+    parser.add_argument("--max-pixels", type=int, default=limits.max_pixels, help="per image (decompression bombs)")
+    parser.add_argument("--max-images", type=int, default=limits.max_images, help="images per request")
+    parser.add_argument("--threads", type=int, help=f"torch / ONNX Runtime threads (default: {available_cpus()} CPUs)")
+    parser.add_argument("--shutdown-timeout", type=float, default=30, help="seconds to finish requests on SIGTERM")
+    parser.add_argument("--access-log", action="store_true", help="log every request")
+    parser.add_argument("--log-level", default="info")
+    return parser
+
+
+def main(argv: list[str] | None = None, *, container: bool = False) -> None:
+    """Load the model, then serve until SIGINT/SIGTERM (in-flight requests are finished first)."""
+    import uvicorn
+
+    argv = sys.argv[1:] if argv is None else argv
+    if container and argv[:1] == ["serve"]:  # SageMaker passes "serve" as the container's argument
+        argv = argv[1:]
+    parser = _parser(
+        model_default=os.environ.get("SM_MODEL_DIR", "/opt/ml/model") if container else None,
+        host_default="0.0.0.0" if container else "127.0.0.1",
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    limits = Limits.from_env()
+    config = ServerConfig(
+        max_batch_size=args.max_batch_size,
+        max_delay_ms=args.max_delay_ms,
+        max_body_bytes=int(args.max_body_mb * 2**20),
+        num_threads=args.threads,
+        limits=Limits(limits.max_image_bytes, max_pixels=args.max_pixels, max_images=args.max_images),
+    )
+    with tempfile.TemporaryDirectory(prefix="dogbreed-serve-") as tmp:
+        try:
+            source = Path(args.model)
+            model_dir = extract_package(source, tmp) if source.is_file() else find_model_dir(source)
+            model = load_model(model_dir, runtime=args.runtime, num_threads=args.threads)
+        except (OSError, ValueError, ImportError, tarfile.TarError) as err:
+            parser.exit(2, f"error: cannot load {args.model}: {err}\n")
+        uvicorn.run(
+            create_app(model, config),
+            host=args.host,
+            port=args.port,
+            log_level=args.log_level,
+            access_log=args.access_log,
+            timeout_graceful_shutdown=args.shutdown_timeout,
+        )
+
+
+def container_main() -> None:
+    """Entry of the ``serve`` console script."""
+    main(container=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,283 @@
+"""Build and safely unpack the SageMaker model archive: ``python -m dogbreed.package RUN_DIR -o model.tar.gz``.
+
+Layout (what SageMaker's PyTorch serving container expects, at the archive root)::
+
+    model.pt  model_config.json  classes.json  preprocessing.json   (as the run's model/ dir wrote them)
+    package.json                 runtime, exports, top_k, versions, sha256 of every file
+    model.ts | model.onnx        optional TorchScript / ONNX exports (--export)
+    code/inference.py            re-exports the handlers of dogbreed.serve.handlers
+    code/requirements.txt        nothing for eager/TorchScript; onnxruntime for the ONNX runtime
+    code/dogbreed/...            the modules the handlers import, copied byte for byte from this install
+
+Why ship the modules rather than list ``dogbreed`` in ``requirements.txt``: ``dogbreed`` is not on PyPI,
+installing it would pull Lightning and Hydra into the endpoint (slow start, large image) and needs network
+access that network-isolated endpoints lack; the copied files are exactly the code that built and tested
+the package, so serving cannot drift from training. The stock SageMaker PyTorch container (>= 2.1, for
+torchvision's transforms v2) already has everything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import logging
+import os
+import shutil
+import tarfile
+import tempfile
+import warnings
+from collections.abc import Iterable
+from datetime import datetime, timezone
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import torch
+
+import dogbreed
+from dogbreed.artifacts import CLASSES, MODEL_CONFIG, MODEL_WEIGHTS, PREPROCESSING, read_model_dir, write_json
+from dogbreed.models.backbone import create_backbone
+from dogbreed.serve.handlers import DEFAULT_TOP_K, EXPORT_FILES, PACKAGE_MANIFEST, RUNTIMES
+
+log = logging.getLogger(__name__)
+
+PACKAGE_FORMAT = "dogbreed-model-package/1"
+ONNX_OPSET = 17
+MAX_UNPACKED_BYTES = 4 * 2**30
+
+# Modules the handlers import, relative to the dogbreed package; copied into code/dogbreed/.
+SHIPPED_MODULES = ("transforms.py", "artifacts.py", "models/backbone.py", "serve/handlers.py")
+_PACKAGE_INIT = '"""The subset of dogbreed that serving needs, copied by ``python -m dogbreed.package``."""\n'
+INFERENCE_PY = '''"""SageMaker entry point of a dogbreed model package (written by ``python -m dogbreed.package``).
+
+The handlers come from the ``dogbreed`` modules shipped next to this file (copies of those that built the
+package), so the stock SageMaker PyTorch container needs no extra installs.
+"""
+
+from dogbreed.serve.handlers import input_fn, model_fn, output_fn, predict_fn
+
+__all__ = ["input_fn", "model_fn", "output_fn", "predict_fn"]
+'''
+
+
+class UnsafeArchiveError(ValueError):
+    """An archive member would land outside the target directory or is not a regular file or folder."""
+
+
+def find_model_dir(path: str | Path) -> Path:
+    """The model dir of ``path``: a run dir (its ``model/``), or a model/package dir itself."""
+    path = Path(path)
+    for candidate in (path, path / "model"):
+        if (candidate / MODEL_WEIGHTS).is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"{path} holds no {MODEL_WEIGHTS}: pass a run dir (outputs/train/runs/<run>, with model/), its model/ dir, "
+        "or an unpacked model package."
+    )
+
+
+def build_package(
+    run_dir: str | Path,
+    output: str | Path,
+    *,
+    exports: Iterable[str] = (),
+    runtime: str | None = None,
+    top_k: int = DEFAULT_TOP_K,
+) -> Path:
+    """Write ``output`` (a ``.tar.gz``) from a run dir; return its path.
+
+    Args:
+        run_dir: A training run dir (or its ``model/`` dir).
+        output: Archive to write (replaced atomically).
+        exports: Extra formats to export, from ``torchscript`` and ``onnx``; each is checked against eager.
+        runtime: What the endpoint runs: ``eager`` or one of ``exports``; defaults to the first export.
+        top_k: Classes returned per image unless a request asks otherwise.
+    """
+    exports = list(dict.fromkeys(exports))
+    unknown = [e for e in exports if e not in EXPORT_FILES]
+    if unknown:
+        raise ValueError(f"unknown export {unknown}; choose from {sorted(EXPORT_FILES)}.")
+    runtime = runtime or (exports[0] if exports else "eager")
+    if runtime not in RUNTIMES or (runtime != "eager" and runtime not in exports):
+        raise ValueError(f"runtime={runtime!r} must be eager or one of the exports {exports} (add --export {runtime}).")
+    if top_k < 1:
+        raise ValueError(f"top_k={top_k} must be at least 1.")
+    model_dir = find_model_dir(run_dir)
+    md = read_model_dir(model_dir)
+    output = Path(output)
+    with tempfile.TemporaryDirectory(prefix="dogbreed-package-") as tmp:
+        root = Path(tmp)
+        for name in (MODEL_WEIGHTS, MODEL_CONFIG, CLASSES):
+            shutil.copy2(model_dir / name, root / name)
+        write_json(root / PREPROCESSING, md.preprocessing.to_dict())
+        net, _ = create_backbone(md.backbone, num_classes=len(md.class_names), weights=None)
+        net.load_state_dict(md.state_dict)
+        example = torch.rand(2, 3, md.preprocessing.image_size, md.preprocessing.image_size)
+        recorded = {fmt: _export(fmt, net.eval(), example, root / EXPORT_FILES[fmt]) for fmt in exports}
+        _write_code(root / "code", runtime)
+        files = sorted(p for p in root.rglob("*") if p.is_file())
+        write_json(
+            root / PACKAGE_MANIFEST,
+            {
+                "format": PACKAGE_FORMAT,
+                "runtime": runtime,
+                "exports": recorded,
+                "top_k": top_k,
+                "backbone": md.backbone,
+                "num_classes": len(md.class_names),
+                "source": str(Path(run_dir).resolve()),
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "versions": {"dogbreed": dogbreed.__version__, "torch": torch.__version__},
+                "sha256": {p.relative_to(root).as_posix(): _sha256(p) for p in files},
+            },
+        )
+        output.parent.mkdir(parents=True, exist_ok=True)
+        partial = output.with_name(f".{output.name}.tmp")
+        with tarfile.open(partial, "w:gz") as tar:
+            for path in sorted(p for p in root.rglob("*") if p.is_file()):
+                tar.add(path, arcname=path.relative_to(root).as_posix(), filter=_normalise_member)
+        os.replace(partial, output)
+    log.info("Wrote %s (%.1f MB, runtime %s, exports %s)", output, output.stat().st_size / 1e6, runtime, exports)
+    return output
+
+
+def _normalise_member(info: tarfile.TarInfo) -> tarfile.TarInfo:
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    info.mode = 0o644
+    return info
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _export(fmt: str, net: torch.nn.Module, example: torch.Tensor, path: Path) -> dict[str, Any]:
+    """Export ``net`` and check the export's logits against eager on ``example``."""
+    with torch.inference_mode():
+        expected = net(example)
+    if fmt == "torchscript":
+        with torch.no_grad(), warnings.catch_warnings():  # torch 2.9+ flags TorchScript as deprecated
+            warnings.simplefilter("ignore")
+            torch.jit.save(torch.jit.freeze(torch.jit.trace(net, example)), str(path))
+            got = torch.jit.load(str(path), map_location="cpu")(example)
+        info: dict[str, Any] = {"file": path.name}
+    else:
+        buffer = io.BytesIO()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                net, (example,), buffer, input_names=["pixels"], output_names=["logits"], opset_version=ONNX_OPSET,
+                dynamic_axes={"pixels": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False,
+            )  # fmt: skip
+        path.write_bytes(buffer.getvalue())
+        info = {"file": path.name, "opset": ONNX_OPSET}
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            log.warning("onnxruntime is not installed: %s was not checked against eager.", path.name)
+            return info
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        got = torch.from_numpy(session.run(None, {"pixels": example.numpy()})[0])
+    diff = float((got - expected).abs().max())
+    if diff > 1e-3 * max(1.0, float(expected.abs().max())):
+        raise RuntimeError(f"the {fmt} export differs from eager by {diff:.3g} in the logits; not packaging it.")
+    return {**info, "max_abs_diff": diff}
+
+
+def _write_code(code: Path, runtime: str) -> None:
+    source = Path(dogbreed.__file__).resolve().parent
+    for module in SHIPPED_MODULES:
+        target = code / "dogbreed" / module
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source / module, target)
+    for folder in ("", "models", "serve"):
+        (code / "dogbreed" / folder / "__init__.py").write_text(_PACKAGE_INIT)
+    (code / "inference.py").write_text(INFERENCE_PY)
+    requirements = [
+        "# The stock SageMaker PyTorch container (>= 2.1) provides torch, torchvision, pillow and numpy;",
+        "# the dogbreed modules the handlers need are shipped in this code/ folder.",
+    ]
+    if runtime == "onnx":
+        requirements.append("onnxruntime>=1.16")
+    (code / "requirements.txt").write_text("\n".join(requirements) + "\n")
+
+
+def extract_package(archive: str | Path, dest: str | Path) -> Path:
+    """Unpack ``archive`` into ``dest`` after checking every member; return ``dest``.
+
+    Raises:
+        UnsafeArchiveError: an absolute path, a ``..`` component, a link leaving ``dest``, a device or FIFO,
+            or more than ``MAX_UNPACKED_BYTES`` in all. Nothing is written in that case.
+    """
+    archive, dest = Path(archive), Path(dest)
+    with tarfile.open(archive, "r:*") as tar:
+        members = tar.getmembers()
+        total = 0
+        for member in members:
+            _check_member(archive, member)
+            total += member.size
+        if total > MAX_UNPACKED_BYTES:
+            raise UnsafeArchiveError(f"{archive} unpacks to {total} bytes, more than {MAX_UNPACKED_BYTES}.")
+        dest.mkdir(parents=True, exist_ok=True)
+        # Python's own "data" filter (3.10.12+) re-checks what the loop above checked.
+        safety = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+        tar.extractall(dest, members=members, **safety)
+    return dest
+
+
+def _check_member(archive: Path, member: tarfile.TarInfo) -> None:
+    def refuse(reason: str) -> UnsafeArchiveError:
+        return UnsafeArchiveError(
+            f"{archive}: refusing to unpack {member.name!r}: {reason}. A model package holds only files and folders "
+            "under its root; rebuild it with `python -m dogbreed.package`."
+        )
+
+    name = PurePosixPath(member.name)
+    if name.is_absolute() or member.name.startswith(("/", "\\")) or (len(member.name) > 1 and member.name[1] == ":"):
+        raise refuse("absolute path")
+    if ".." in name.parts:
+        raise refuse("'..' in the path")
+    if member.issym() or member.islnk():
+        target = PurePosixPath(member.linkname)
+        base = name.parent if member.issym() else PurePosixPath()
+        if target.is_absolute() or not _stays_inside(base / target):
+            raise refuse(f"link to {member.linkname!r} outside the archive")
+    elif not (member.isfile() or member.isdir()):
+        raise refuse("not a regular file or folder (device, FIFO ...)")
+
+
+def _stays_inside(path: PurePosixPath) -> bool:
+    depth = 0
+    for part in path.parts:
+        depth += -1 if part == ".." else 0 if part in ("", ".") else 1
+        if depth < 0:
+            return False
+    return True
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI of ``python -m dogbreed.package``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m dogbreed.package", description="Build a SageMaker PyTorch model.tar.gz from a training run."
+    )
+    parser.add_argument("run_dir", help="run dir (outputs/train/runs/<run>) or its model/ dir")
+    parser.add_argument("-o", "--output", default="model.tar.gz", help="archive to write (default: model.tar.gz)")
+    parser.add_argument(
+        "--export", action="append", choices=sorted(EXPORT_FILES), default=[], help="also export (repeatable)"
+    )
+    parser.add_argument(
+        "--runtime", choices=RUNTIMES, help="what the endpoint runs (default: first export, else eager)"
+    )
+    parser.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, help="classes per answer unless asked otherwise")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        path = build_package(args.run_dir, args.output, exports=args.export, runtime=args.runtime, top_k=args.top_k)
+    except (FileNotFoundError, ValueError) as err:
+        parser.exit(2, f"error: {err}\n")
+    print(path)

@@ -1,0 +1,255 @@
+"""Local HTTP endpoint speaking the SageMaker container contract, with dynamic batching.
+
+Routes: ``GET /ping`` (200 once the model is loaded), ``POST /invocations`` and
+``POST /endpoints/{name}/invocations`` (the path boto3's ``sagemaker-runtime`` client calls when given
+``endpoint_url``). Each request is decoded and preprocessed by the same handlers SageMaker runs, in a
+thread pool; a single inference thread runs one forward pass over everything queued meanwhile, up to
+``max_batch_size`` images, waiting at most ``max_delay_ms`` and only while more requests are still being
+decoded. The event loop never runs model code, so ``/ping`` answers under load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from dogbreed.serve.handlers import (
+    DogBreedModel,
+    InferenceError,
+    Inputs,
+    Limits,
+    Prediction,
+    accept_top_k,
+    input_fn,
+    output_fn,
+)
+
+log = logging.getLogger(__name__)
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (respects taskset and container CPU sets)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Batching, size and thread settings of the endpoint (``python -m dogbreed.serve --help``)."""
+
+    max_batch_size: int = 16
+    max_delay_ms: float = 5.0
+    max_body_bytes: int = 32 * 2**20
+    max_queued_images: int = 512
+    num_threads: int | None = None
+    limits: Limits = field(default_factory=Limits.from_env)
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size={self.max_batch_size} must be >= 1 (1 turns batching off).")
+        if self.max_delay_ms < 0:
+            raise ValueError(f"max_delay_ms={self.max_delay_ms} must be >= 0.")
+
+
+@dataclass
+class _Item:
+    pixels: torch.Tensor
+    future: asyncio.Future[torch.Tensor]
+
+
+class Batcher:
+    """Groups concurrent requests into one forward pass on a dedicated inference thread."""
+
+    def __init__(
+        self,
+        predict: Callable[[torch.Tensor], torch.Tensor],
+        *,
+        max_batch_size: int,
+        max_delay_ms: float,
+        max_queued: int,
+    ) -> None:
+        self._predict = predict
+        self.max_batch_size = max_batch_size
+        self.max_delay = max_delay_ms / 1000
+        self.max_queued = max_queued
+        self._queue: deque[_Item] = deque()
+        self._queued_images = 0
+        self._incoming = 0
+        self._wakeup = asyncio.Event()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="inference")
+        self.batches = 0
+        self.images = 0
+
+    @contextlib.contextmanager
+    def incoming(self) -> Iterator[None]:
+        """Announce a request that is being decoded, so that the current batch may wait for it."""
+        self._incoming += 1
+        try:
+            yield
+        finally:
+            self._incoming -= 1
+            self._wakeup.set()
+
+    def enqueue(self, pixels: torch.Tensor) -> asyncio.Future[torch.Tensor]:
+        """Queue preprocessed images; the future resolves to their probabilities."""
+        if self._queued_images + len(pixels) > self.max_queued:
+            raise InferenceError(
+                503, "overloaded", f"{self._queued_images} images are already waiting for the model; retry shortly.",
+                accepted="fewer concurrent requests",
+            )  # fmt: skip
+        item = _Item(pixels, asyncio.get_running_loop().create_future())
+        self._queue.append(item)
+        self._queued_images += len(pixels)
+        self._wakeup.set()
+        return item.future
+
+    async def run(self) -> None:
+        """Form and run batches until cancelled."""
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self._queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            deadline = loop.time() + self.max_delay
+            while self._queued_images < self.max_batch_size and self._incoming and loop.time() < deadline:
+                self._wakeup.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), deadline - loop.time())
+            await self._run_batch(self._take(), loop)
+
+    def _take(self) -> list[_Item]:
+        batch = [self._queue.popleft()]
+        size = len(batch[0].pixels)
+        while self._queue and size + len(self._queue[0].pixels) <= self.max_batch_size:
+            batch.append(self._queue.popleft())
+            size += len(batch[-1].pixels)
+        self._queued_images -= size
+        return batch
+
+    async def _run_batch(self, batch: list[_Item], loop: asyncio.AbstractEventLoop) -> None:
+        pixels = batch[0].pixels if len(batch) == 1 else torch.cat([item.pixels for item in batch])
+        try:
+            probabilities = await loop.run_in_executor(self._executor, self._predict, pixels)
+        except Exception as err:
+            log.exception("Forward pass over %d images failed", len(pixels))
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(err)
+            return
+        self.batches += 1
+        self.images += len(pixels)
+        start = 0
+        for item in batch:
+            end = start + len(item.pixels)
+            if not item.future.done():  # a client that went away cancelled its future
+                item.future.set_result(probabilities[start:end])
+            start = end
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it passes ``limit`` bytes (declared or streamed)."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise InferenceError(
+            413, "body_too_large", f"the body is {declared} bytes, more than the limit of {limit}.",
+            accepted=f"<= {limit} bytes per request",
+        )  # fmt: skip
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise InferenceError(
+                413, "body_too_large", f"the body passed the limit of {limit} bytes.",
+                accepted=f"<= {limit} bytes per request",
+            )  # fmt: skip
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def create_app(model: DogBreedModel, config: ServerConfig | None = None) -> Starlette:
+    """The Starlette app serving ``model``; sets torch's thread count for this process."""
+    config = config or ServerConfig()
+    cpus = available_cpus()
+    torch.set_num_threads(config.num_threads or cpus)
+    decoders = ThreadPoolExecutor(max(2, cpus), thread_name_prefix="decode")
+    batcher = Batcher(
+        model.predict,
+        max_batch_size=config.max_batch_size,
+        max_delay_ms=config.max_delay_ms,
+        max_queued=config.max_queued_images,
+    )
+
+    def decode(body: bytes, content_type: str | None) -> tuple[Inputs, torch.Tensor]:
+        inputs = input_fn(body, content_type, config.limits)
+        return inputs, model.preprocess(inputs.items)
+
+    async def ping(request: Request) -> Response:
+        return JSONResponse(
+            {"status": "ok", "runtime": model.runtime, "batches": batcher.batches, "images": batcher.images}
+        )
+
+    async def invocations(request: Request) -> Response:
+        accept = request.headers.get("accept")
+        try:
+            accept_top_k(accept)  # refuse an unsupported Accept before doing any work
+            body = await read_body(request, config.max_body_bytes)
+            with batcher.incoming():
+                loop = asyncio.get_running_loop()
+                inputs, pixels = await loop.run_in_executor(decoders, decode, body, request.headers.get("content-type"))
+                future = batcher.enqueue(pixels)
+            probabilities = await future
+            prediction = Prediction(
+                probabilities, model.class_names, inputs.batched, inputs.top_k, default_top_k=model.top_k
+            )
+            content, media_type = output_fn(prediction, accept)
+        except InferenceError as err:
+            return JSONResponse(err.body, status_code=err.status)
+        except Exception:
+            log.exception("Unexpected error while answering %s", request.url.path)
+            return JSONResponse(
+                {"error": "internal_error", "message": "the server failed on this request; see its log."},
+                status_code=500,
+            )
+        return Response(content, media_type=media_type)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        task = asyncio.create_task(batcher.run())
+        log.info(
+            "Serving %d classes (%s runtime) with %d torch threads, batches of up to %d, max delay %g ms",
+            len(model.class_names), model.runtime, torch.get_num_threads(), config.max_batch_size, config.max_delay_ms,
+        )  # fmt: skip
+        try:
+            yield
+        finally:  # uvicorn has finished the in-flight requests by now
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            batcher.close()
+            decoders.shutdown(wait=True)
+
+    routes = [
+        Route("/ping", ping, methods=["GET"]),
+        Route("/invocations", invocations, methods=["POST"]),
+        Route("/endpoints/{name}/invocations", invocations, methods=["POST"]),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.batcher = batcher
+    return app
