@@ -139,3 +139,21 @@ def aws_env(moto_server: str, monkeypatch: pytest.MonkeyPatch) -> str:
 def _few_threads() -> None:
     """Keep tests from oversubscribing the CI machine's cores."""
     torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A ``model/`` dir as training writes it: random ResNet-18, 10 breeds, 32 px inputs (built in a second)."""
+    from dogbreed.artifacts import write_model_dir
+    from dogbreed.models.backbone import create_backbone
+    from dogbreed.transforms import Preprocessing
+
+    torch.manual_seed(0)
+    net, head = create_backbone("resnet18", num_classes=10)
+    torch.nn.init.normal_(net.get_submodule(head).weight, std=0.5)  # distinct logits: stable top-k order
+    breeds = ["Affenpinscher", "Afghan_hound", "Beagle", "Boxer", "Brittany", "Bulldog", "Collie", "Dalmatian",
+              "Labrador_retriever", "Pug"]  # fmt: skip
+    return write_model_dir(
+        tmp_path_factory.mktemp("tiny") / "model", net, backbone="resnet18", class_names=breeds,
+        preprocessing=Preprocessing(image_size=32, resize_size=36),
+    )  # fmt: skip
