@@ -167,3 +167,17 @@ def test_weights_path_resolves_user_home(tmp_path, monkeypatch):
     torch.save(source.state_dict(), Path(tmp_path) / "w.pth")
     model, _ = create_backbone("resnet18", 3, "~/w.pth")
     assert torch.equal(model.fc.weight, source.fc.weight)
+
+
+def test_weights_from_s3_are_fetched_once_into_the_cache(aws_env, tmp_path):
+    import boto3
+
+    source, _ = create_backbone("resnet18", 1000)
+    torch.save(source.state_dict(), tmp_path / "resnet18.pth")
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket="weights")
+    s3.upload_file(str(tmp_path / "resnet18.pth"), "weights", "models/resnet18.pth")
+    model, _ = create_backbone("resnet18", 5, "s3://weights/models/resnet18.pth", cache_dir=tmp_path / "cache")
+    assert torch.equal(model.layer4[1].conv2.weight, source.layer4[1].conv2.weight)
+    s3.delete_object(Bucket="weights", Key="models/resnet18.pth")  # a second build needs no S3
+    create_backbone("resnet18", 5, "s3://weights/models/resnet18.pth", cache_dir=tmp_path / "cache")
