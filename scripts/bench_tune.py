@@ -1,0 +1,121 @@
+"""Benchmark: pruned TPE vs random search without pruning, same number of trials, on the demo data.
+
+    flock /tmp/dogbreed-bench.lock python scripts/bench_tune.py [--trials 10 --epochs 5 --seeds 0 1 2]
+
+For each seed and arm it runs a local Optuna study (``dogbreed.tune.tune``) and records the epochs all
+trials spent and the best objective (best ``val/acc`` of any trial). Goal of the issue: pruned TPE within
+1 point of random's best objective with at most 1/3 of its epochs. Trials are shrunk to run on a couple of
+CPU cores (32 px images, a few batches per epoch, early stopping off so that only pruning saves epochs);
+the figures are therefore noisy and only comparable between arms of one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import time
+from pathlib import Path
+
+import optuna
+from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
+
+from dogbreed import tune as tune_mod
+from dogbreed.train import CONFIG_DIR
+
+
+def run_arm(args: argparse.Namespace, seed: int, sampler: str, pruner: str, out: Path) -> dict:
+    overrides = [
+        "experiment=demo",
+        "logger=none",
+        "~callbacks.early_stopping",
+        "~callbacks.progress_bar",
+        "~callbacks.lr_monitor",
+        f"seed={seed}",
+        f"trainer.max_epochs={args.epochs}",
+        f"+trainer.limit_train_batches={args.train_batches}",
+        "+trainer.enable_progress_bar=false",
+        "+trainer.enable_model_summary=false",
+        "data.image_size=32",
+        "data.resize_size=36",
+        f"tune.n_trials={args.trials}",
+        f"tune.sampler={sampler}",
+        f"tune.pruner={pruner}",
+        f"tune.n_startup_trials={args.startup}",
+        f"tune.n_warmup_steps={args.warmup}",
+        "tune.heartbeat_interval=null",
+        f"paths.output_dir={out}",
+        f"paths.cache_dir={args.out / 'cache'}",
+    ]
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
+        cfg = compose("tune", overrides=overrides)
+    with open_dict(cfg):
+        cfg.paths.model_dir = str(out / "model")
+    start = time.perf_counter()
+    study = tune_mod.tune(cfg)
+    done = tune_mod.finished_trials(study)
+    return {
+        "seed": seed,
+        "arm": f"{sampler}+{pruner}",
+        "trials": len(done),
+        "pruned": sum(t.state.name == "PRUNED" for t in done),
+        "epochs": sum(t.user_attrs.get(tune_mod.EPOCHS_ATTR, 0) for t in done),
+        "best": study.best_value,
+        "wall_s": round(time.perf_counter() - start, 1),
+    }
+
+
+def summarise(rows: list[dict]) -> str:
+    lines = [
+        "| arm | seeds | mean epochs | mean best val/acc | per seed (epochs, best) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for arm in dict.fromkeys(r["arm"] for r in rows):
+        mine = [r for r in rows if r["arm"] == arm]
+        per_seed = ", ".join(f"s{r['seed']}: {r['epochs']}, {r['best']:.3f}" for r in mine)
+        lines.append(
+            f"| {arm} | {len(mine)} | {statistics.mean(r['epochs'] for r in mine):.1f} | "
+            f"{statistics.mean(r['best'] for r in mine):.4f} | {per_seed} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--trials", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--train-batches", type=int, default=8, help="training batches per epoch")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--pruners", nargs="+", default=["hyperband", "median"], help="pruners for the TPE arms")
+    parser.add_argument("--startup", type=int, default=2, help="tune.n_startup_trials (TPE and median pruner)")
+    parser.add_argument("--warmup", type=int, default=0, help="tune.n_warmup_steps (median pruner)")
+    parser.add_argument("--out", type=Path, default=Path("outputs/bench_tune"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("lightning").setLevel(logging.ERROR)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+    rows = []
+    arms = [("random", "none"), *(("tpe", p) for p in args.pruners)]
+    for seed in args.seeds:
+        for sampler, pruner in arms:
+            row = run_arm(args, seed, sampler, pruner, args.out / f"seed{seed}" / f"{sampler}-{pruner}")
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    (args.out / "results.json").write_text(json.dumps({"args": vars(args) | {"out": str(args.out)}, "rows": rows}))
+    table = summarise(rows)
+    (args.out / "results.md").write_text(table + "\n")
+    print(table)
+    random_rows = {r["seed"]: r for r in rows if r["arm"] == "random+none"}
+    for arm in dict.fromkeys(r["arm"] for r in rows if r["arm"] != "random+none"):
+        mine = [r for r in rows if r["arm"] == arm]
+        ratio = sum(r["epochs"] for r in mine) / sum(random_rows[r["seed"]]["epochs"] for r in mine)
+        gap = statistics.mean(random_rows[r["seed"]]["best"] - r["best"] for r in mine) * 100
+        goal = "met" if ratio <= 1 / 3 and gap <= 1 else "not met"
+        print(f"{arm}: {ratio:.2f} of random's epochs, {gap:+.2f} points below random's best (goal {goal})")
+
+
+if __name__ == "__main__":
+    main()
