@@ -22,9 +22,9 @@ from dogbreed.serve.server import ServerConfig, available_cpus, create_app
 log = logging.getLogger("dogbreed.serve")
 
 
-def _parser(*, model_default: str | None, host_default: str) -> argparse.ArgumentParser:
+def _parser(*, model_default: str | None, host_default: str, prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m dogbreed.serve", description="Serve a dogbreed model with the SageMaker container contract."
+        prog=prog, description="Serve a dogbreed model with the SageMaker container contract."
     )
     parser.add_argument(
         "model", nargs="?" if model_default else None, default=model_default,
@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None, *, container: bool = False) -> None:
     parser = _parser(
         model_default=os.environ.get("SM_MODEL_DIR", "/opt/ml/model") if container else None,
         host_default="0.0.0.0" if container else "127.0.0.1",
+        prog="serve" if container else "python -m dogbreed.serve",
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -74,7 +74,11 @@ class InferenceError(_ToolkitError):
     """A refused request: an HTTP status and a JSON body ``{"error", "message", "accepted"}``."""
 
     def __init__(self, status: int, error: str, message: str, accepted: Sequence[str] | str = CONTENT_TYPES) -> None:
-        self.body = {"error": error, "message": message, "accepted": accepted}
+        self.body = {
+            "error": error,
+            "message": message,
+            "accepted": accepted if isinstance(accepted, str) else [*accepted],
+        }
         super().__init__(status, json.dumps(self.body), HTTPStatus(status).phrase)
 
     @property
