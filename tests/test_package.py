@@ -1,0 +1,162 @@
+"""The model package: round trip through model_fn, the archive's own inference.py, exports, safe unpacking."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from dogbreed.serve.handlers import input_fn, model_fn, output_fn, predict_fn
+from dogbreed.serve.package import UnsafeArchiveError, build_package, extract_package, main
+
+PHOTO = Path(__file__).resolve().parents[1] / "examples" / "images" / "Labrador_retriever_06457.jpg"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(_few_threads: None) -> None:
+    torch.set_num_threads(1)  # see tests/test_serve_handlers.py
+
+
+def answer(model_dir: Path | str, body: bytes = b"") -> dict:
+    model = model_fn(str(model_dir))
+    content, _ = output_fn(predict_fn(input_fn(body or PHOTO.read_bytes(), "image/jpeg"), model), "application/json")
+    return json.loads(content)
+
+
+@pytest.fixture(scope="module")
+def package(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tiny_model_dir.parent  # a run dir: the package finds model/ inside
+    return build_package(run_dir, tmp_path_factory.mktemp("pkg") / "model.tar.gz", top_k=3)
+
+
+def test_package_layout_and_round_trip(package: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
+    with tarfile.open(package) as tar:
+        names = set(tar.getnames())
+    assert {"model.pt", "classes.json", "preprocessing.json", "model_config.json", "package.json"} <= names
+    assert {"code/inference.py", "code/requirements.txt", "code/dogbreed/serve/handlers.py"} <= names
+    assert not any(name.startswith(("/", "./")) or ".." in name for name in names)
+    root = extract_package(package, tmp_path / "model")
+    manifest = json.loads((root / "package.json").read_text())
+    assert manifest["runtime"] == "eager" and manifest["exports"] == {} and manifest["top_k"] == 3
+    assert "onnxruntime" not in (root / "code" / "requirements.txt").read_text()
+    shipped = (root / "code" / "dogbreed" / "transforms.py").read_bytes()
+    assert shipped == (Path(__file__).resolve().parents[1] / "dogbreed" / "transforms.py").read_bytes()
+    got = answer(root)["predictions"]
+    want = answer(tiny_model_dir)["predictions"]
+    assert len(got) == 3  # the package's top_k
+    assert got == want[:3]
+
+
+CLEAN_CONTAINER = """
+import importlib, json, sys
+
+class NotOnTheContainer:
+    # A stock SageMaker PyTorch container has torch, torchvision, pillow and numpy, not these.
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {"lightning", "hydra", "omegaconf", "torchmetrics", "starlette", "uvicorn"}:
+            raise ImportError(name + " is not installed on a stock SageMaker PyTorch container")
+
+sys.meta_path.insert(0, NotOnTheContainer())
+model_dir, photo = sys.argv[1], sys.argv[2]
+sys.path.insert(0, model_dir + "/code")  # what the SageMaker inference toolkit does
+inference = importlib.import_module("inference")
+import dogbreed
+assert dogbreed.__file__.startswith(model_dir), dogbreed.__file__
+model = inference.model_fn(model_dir)
+data = inference.input_fn(open(photo, "rb").read(), "image/jpeg")
+body, content_type = inference.output_fn(inference.predict_fn(data, model), "application/json")
+print(body.decode())
+"""
+
+
+def test_archive_inference_py_runs_from_a_clean_directory(package: Path, tmp_path: Path) -> None:
+    root = extract_package(package, tmp_path / "opt" / "ml" / "model")
+    clean = tmp_path / "elsewhere"
+    clean.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", CLEAN_CONTAINER, str(root), str(PHOTO)],
+        cwd=clean, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == answer(root)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
+def test_exports_round_trip(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    archive = build_package(tiny_model_dir, tmp_path / "m.tar.gz", exports=["torchscript", "onnx"], runtime="onnx")
+    root = extract_package(archive, tmp_path / "model")
+    manifest = json.loads((root / "package.json").read_text())
+    assert manifest["runtime"] == "onnx" and set(manifest["exports"]) == {"torchscript", "onnx"}
+    assert "onnxruntime" in (root / "code" / "requirements.txt").read_text()
+    eager = answer(tiny_model_dir)["predictions"]
+    for runtime in ("onnx", "torchscript"):
+        monkeypatch.setenv("DOGBREED_RUNTIME", runtime)  # how a SageMaker Model's env picks the runtime
+        assert model_fn(str(root)).runtime == runtime
+        got = answer(root)["predictions"]
+        assert [p["index"] for p in got] == [p["index"] for p in eager]
+        assert [p["probability"] for p in got] == pytest.approx([p["probability"] for p in eager], abs=1e-4)
+
+
+def test_package_cli_errors(tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main([str(tmp_path), "-o", str(tmp_path / "m.tar.gz")])
+    assert info.value.code == 2
+    assert "holds no model.pt" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--export onnx"):
+        build_package(tiny_model_dir, tmp_path / "m.tar.gz", runtime="onnx")
+
+
+def crafted(tmp_path: Path, member: tarfile.TarInfo, data: bytes = b"x") -> Path:
+    path = tmp_path / "evil.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        ok = tarfile.TarInfo("model.pt")
+        ok.size = 1
+        tar.addfile(ok, io.BytesIO(b"x"))
+        if member.isfile():
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+        else:
+            tar.addfile(member)
+    return path
+
+
+def link(name: str, target: str, kind: bytes = tarfile.SYMTYPE) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, target
+    return info
+
+
+@pytest.mark.parametrize(
+    ("member", "reason"),
+    [
+        (tarfile.TarInfo("../escaped.txt"), "'..'"),
+        (tarfile.TarInfo("code/../../escaped.txt"), "'..'"),
+        (tarfile.TarInfo("/tmp/escaped.txt"), "absolute"),
+        (link("code/inference.py", "../../../etc/passwd"), "outside"),
+        (link("code/inference.py", "/etc/passwd"), "outside"),
+        (link("model.onnx", "../outside", tarfile.LNKTYPE), "outside"),
+        (link("fifo", "", tarfile.FIFOTYPE), "not a regular file"),
+    ],
+)
+def test_unsafe_archives_are_refused(tmp_path: Path, member: tarfile.TarInfo, reason: str) -> None:
+    archive = crafted(tmp_path, member)
+    dest = tmp_path / "dest"
+    with pytest.raises(UnsafeArchiveError, match=reason):
+        extract_package(archive, dest)
+    assert not dest.exists()  # nothing was written
+    assert not (tmp_path / "escaped.txt").exists()
+
+
+def test_links_inside_the_archive_are_fine(tmp_path: Path) -> None:
+    archive = crafted(tmp_path, link("code/weights.pt", "../model.pt"))
+    root = extract_package(archive, tmp_path / "dest")
+    assert (root / "code" / "weights.pt").read_bytes() == b"x"
