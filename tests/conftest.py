@@ -44,6 +44,7 @@ def make_small(cfg: DictConfig, tmp_path: Path) -> DictConfig:
         cfg.trainer.num_sanity_val_steps = 0
         cfg.trainer.enable_progress_bar = False
         cfg.data.num_workers = 0
+        cfg.data.cache = False  # a few batches gain nothing from decoding every image into the cache first
         cfg.callbacks.pop("progress_bar", None)
     return cfg
 

@@ -177,7 +177,8 @@ def build_cache(
         leftover.unlink()
     start = time.perf_counter()
     images = DecodedImageDataset(root, [(rel, 0) for rel in rel_paths], preprocessing.resize_transform(), decoder)
-    loader = DataLoader(images, batch_size=None, num_workers=num_workers)
+    # its own generator: building the cache must not shift the seeded random stream training draws from
+    loader = DataLoader(images, batch_size=None, num_workers=num_workers, generator=torch.Generator())
     index = np.zeros((len(rel_paths), 3), dtype=np.int64)
     tmp = {name: folder / f".{name}.{os.getpid()}.tmp" for name in (DATA, INDEX, META)}
     offset, crc = 0, 0
