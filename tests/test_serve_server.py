@@ -1,0 +1,252 @@
+"""A real endpoint process on 127.0.0.1: the SageMaker contract, boto3, the query script, load and shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import boto3
+import httpx
+import psutil
+import pytest
+import torch
+
+from dogbreed.serve.handlers import format_predictions, input_fn, model_fn, predict_fn
+from dogbreed.serve.package import build_package, extract_package
+
+ROOT = Path(__file__).resolve().parents[1]
+PHOTO = ROOT / "examples" / "images" / "Labrador_retriever_06457.jpg"
+OTHER_PHOTO = ROOT / "examples" / "images" / "Brittany_02625.jpg"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(_few_threads: None) -> None:
+    torch.set_num_threads(1)  # see tests/test_serve_handlers.py
+
+
+@dataclass
+class Endpoint:
+    url: str
+    process: subprocess.Popen
+    log: Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_endpoint(model: Path, log: Path, *extra: str) -> Endpoint:
+    """Start ``python -m dogbreed.serve`` and wait for ``/ping``."""
+    port = free_port()
+    command = [sys.executable, "-m", "dogbreed.serve", str(model), "--host", "127.0.0.1", "--port", str(port)]
+    with open(log, "wb") as out:
+        process = subprocess.Popen([*command, "--threads", "1", *extra], stdout=out, stderr=subprocess.STDOUT)
+    endpoint = Endpoint(f"http://127.0.0.1:{port}", process, log)
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            if httpx.get(f"{endpoint.url}/ping", timeout=1).status_code == 200:
+                return endpoint
+        except httpx.TransportError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            process.wait()
+            raise RuntimeError(f"the endpoint did not start:\n{log.read_text()[-3000:]}")
+        time.sleep(0.2)
+
+
+def stop_endpoint(endpoint: Endpoint) -> None:
+    """SIGTERM, as SageMaker and Kubernetes stop a container, then check the shutdown was clean."""
+    endpoint.process.send_signal(signal.SIGTERM)
+    try:
+        code = endpoint.process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        endpoint.process.kill()
+        endpoint.process.wait()
+        raise
+    # uvicorn re-raises the signal once shut down, so a clean stop exits "killed by SIGTERM".
+    assert code in (0, -signal.SIGTERM), endpoint.log.read_text()[-3000:]
+    assert "Application shutdown complete" in endpoint.log.read_text()
+
+
+@pytest.fixture(scope="module")
+def package(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_package(tiny_model_dir, tmp_path_factory.mktemp("pkg") / "model.tar.gz")
+
+
+@pytest.fixture(scope="module")
+def endpoint(package: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Endpoint]:
+    log = tmp_path_factory.mktemp("endpoint") / "server.log"
+    endpoint = start_endpoint(package, log, "--max-body-mb", "1", "--max-batch-size", "8")
+    yield endpoint
+    stop_endpoint(endpoint)
+
+
+@pytest.fixture(scope="module")
+def direct(package: Path, tmp_path_factory: pytest.TempPathFactory):
+    """``predict_fn`` called directly on the unpacked package: what every HTTP answer must equal."""
+    model = model_fn(str(extract_package(package, tmp_path_factory.mktemp("unpacked"))))
+
+    def predict(path: Path) -> list[dict]:
+        return format_predictions(predict_fn(input_fn(path.read_bytes(), "image/jpeg"), model))["predictions"]
+
+    return predict
+
+
+def same(got: list[dict], want: list[dict]) -> None:
+    """Same classes in the same order; probabilities equal up to batched-vs-single float rounding."""
+    assert [p["label"] for p in got] == [p["label"] for p in want]
+    assert [p["probability"] for p in got] == pytest.approx([p["probability"] for p in want], abs=1e-4)
+
+
+def test_ping(endpoint: Endpoint) -> None:
+    response = httpx.get(f"{endpoint.url}/ping")
+    assert response.status_code == 200
+    assert response.json()["status"] == "ok"
+
+
+def test_photo_as_raw_bytes_and_as_json_base64(endpoint: Endpoint, direct) -> None:
+    raw = httpx.post(f"{endpoint.url}/invocations", content=PHOTO.read_bytes(), headers={"Content-Type": "image/jpeg"})
+    assert raw.status_code == 200 and raw.headers["content-type"] == "application/json"
+    same(raw.json()["predictions"], direct(PHOTO))
+    b64 = base64.b64encode(PHOTO.read_bytes()).decode()
+    as_json = httpx.post(f"{endpoint.url}/invocations", json={"image": b64, "top_k": 2})
+    assert as_json.status_code == 200
+    same(as_json.json()["predictions"], direct(PHOTO)[:2])
+
+
+def test_batch_request(endpoint: Endpoint, direct) -> None:
+    images = [base64.b64encode(p.read_bytes()).decode() for p in (PHOTO, OTHER_PHOTO, PHOTO)]
+    response = httpx.post(f"{endpoint.url}/endpoints/any-name/invocations", json={"images": images})
+    assert response.status_code == 200
+    rows = response.json()["predictions"]
+    assert len(rows) == 3
+    for row, path in zip(rows, (PHOTO, OTHER_PHOTO, PHOTO), strict=True):
+        same(row, direct(path))
+
+
+def test_boto3_invoke_endpoint_matches_predict_fn(endpoint: Endpoint, direct) -> None:
+    client = boto3.client(
+        "sagemaker-runtime", endpoint_url=endpoint.url, region_name="us-east-1",
+        aws_access_key_id="testing", aws_secret_access_key="testing",
+    )  # fmt: skip
+    response = client.invoke_endpoint(
+        EndpointName="dogbreed", Body=OTHER_PHOTO.read_bytes(), ContentType="image/jpeg", Accept="application/json"
+    )
+    assert response["ContentType"] == "application/json"
+    same(json.loads(response["Body"].read())["predictions"], direct(OTHER_PHOTO))
+
+
+def test_http_errors_are_json(endpoint: Endpoint) -> None:
+    post = lambda body, **headers: httpx.post(f"{endpoint.url}/invocations", content=body, headers=headers)  # noqa: E731
+    cases = [
+        (post(b"", **{"Content-Type": "image/jpeg"}), 400, "empty_body"),
+        (post(b"not an image", **{"Content-Type": "image/png"}), 400, "not_an_image"),
+        (post(PHOTO.read_bytes()[:4000], **{"Content-Type": "image/jpeg"}), 400, "corrupt_image"),
+        (post(PHOTO.read_bytes(), **{"Content-Type": "text/plain"}), 415, "unsupported_content_type"),
+        (post(PHOTO.read_bytes(), **{"Content-Type": "image/jpeg", "Accept": "text/csv"}), 406, "unsupported_accept"),
+        (post(b'{"image": "%%%"}', **{"Content-Type": "application/json"}), 400, "bad_base64"),
+        (post(b"x" * (2 * 2**20), **{"Content-Type": "image/jpeg"}), 413, "body_too_large"),
+    ]
+    for response, status, error in cases:
+        assert response.status_code == status, response.text
+        assert response.json()["error"] == error
+        assert response.json()["message"] and response.json()["accepted"]
+
+
+def test_query_script(endpoint: Endpoint) -> None:
+    script = [sys.executable, str(ROOT / "scripts" / "query_endpoint.py"), str(PHOTO), str(OTHER_PHOTO)]
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "PATH": ""}
+    for extra in (
+        ["--url", endpoint.url],
+        ["--url", endpoint.url, "--content-type", "application/json"],
+        ["--endpoint-name", "dogbreed", "--endpoint-url", endpoint.url, "--region", "us-east-1"],
+    ):
+        result = subprocess.run([*script, *extra], capture_output=True, text=True, timeout=60, env=env)
+        assert result.returncode == 0, result.stderr
+        lines = result.stdout.splitlines()
+        assert lines[0] == str(PHOTO) and lines[6] == str(OTHER_PHOTO)
+        assert len(lines) == 12 and lines[1].strip().startswith("1. ") and lines[1].endswith("%")
+    bad = subprocess.run([*script[:2], str(ROOT / "README.md"), "--url", endpoint.url], capture_output=True, text=True)
+    assert bad.returncode == 1 and "not_an_image" in bad.stderr
+
+
+async def hammer(url: str, n: int, concurrency: int) -> tuple[list[int], list[float]]:
+    """``n`` photo requests, ``concurrency`` at a time, while /ping is polled; status codes and ping latencies."""
+    body = PHOTO.read_bytes()
+    statuses: list[int] = []
+    pings: list[float] = []
+    async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=concurrency + 1)) as client:
+        semaphore = asyncio.Semaphore(concurrency)
+
+        async def one() -> None:
+            async with semaphore:
+                try:
+                    response = await client.post(
+                        f"{url}/invocations", content=body, headers={"Content-Type": "image/jpeg"}
+                    )
+                    statuses.append(response.status_code)
+                except httpx.HTTPError:
+                    statuses.append(-1)
+
+        async def ping() -> None:
+            while len(statuses) < n:
+                start = time.perf_counter()
+                assert (await client.get(f"{url}/ping")).status_code == 200
+                pings.append(time.perf_counter() - start)
+                await asyncio.sleep(0.05)
+
+        await asyncio.gather(ping(), *(one() for _ in range(n)))
+    return statuses, pings
+
+
+@pytest.mark.slow
+def test_500_requests_at_concurrency_16(endpoint: Endpoint) -> None:
+    server = psutil.Process(endpoint.process.pid)
+    before = httpx.get(f"{endpoint.url}/ping").json()
+    statuses, _ = asyncio.run(hammer(endpoint.url, 100, 16))  # warm up: allocator pools, thread stacks
+    warm_rss = server.memory_info().rss
+    statuses2, pings = asyncio.run(hammer(endpoint.url, 400, 16))
+    grown_mb = (server.memory_info().rss - warm_rss) / 2**20
+    after = httpx.get(f"{endpoint.url}/ping").json()
+    assert statuses + statuses2 == [200] * 500
+    assert grown_mb < 64, f"server RSS grew by {grown_mb:.0f} MB over 400 requests"
+    assert max(pings) < 2.0, f"/ping took up to {max(pings):.2f} s under load"
+    images, batches = after["images"] - before["images"], after["batches"] - before["batches"]
+    assert images == 500 and batches < images  # concurrent requests were batched
+
+
+@pytest.mark.slow
+def test_graceful_shutdown_finishes_in_flight_requests(package: Path, tmp_path: Path) -> None:
+    endpoint = start_endpoint(package, tmp_path / "server.log", "--max-delay-ms", "50")
+
+    async def in_flight_then_sigterm() -> list[int]:
+        async with httpx.AsyncClient(timeout=60) as client:
+            await client.get(f"{endpoint.url}/ping")  # open the connection pool
+            headers = {"Content-Type": "image/jpeg"}
+            tasks = [
+                asyncio.create_task(
+                    client.post(f"{endpoint.url}/invocations", content=PHOTO.read_bytes(), headers=headers)
+                )
+                for _ in range(8)
+            ]
+            await asyncio.sleep(0.3)  # the requests reach the server
+            endpoint.process.send_signal(signal.SIGTERM)
+            return [r.status_code for r in await asyncio.gather(*tasks)]
+
+    try:
+        assert asyncio.run(in_flight_then_sigterm()) == [200] * 8
+    finally:
+        stop_endpoint(endpoint)
