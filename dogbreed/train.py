@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from dogbreed.artifacts import write_model_dir, write_test_results
 from dogbreed.data import DataError, DogBreedDataModule
 from dogbreed.models import DogBreedClassifier, WeightsError
+from dogbreed.report import report_run
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +116,9 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[Callback] = ()) -> dict[str
                 cfg.paths.model_dir,
                 Path(cfg.paths.output_dir) / "metrics.json",
             )
+
+    if cfg.get("report", False) and trainer.is_global_zero:
+        report_run(cfg.paths.output_dir)
 
     objective_key = cfg.get("optimized_metric")
     if objective_key:

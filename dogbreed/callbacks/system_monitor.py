@@ -1,0 +1,121 @@
+"""A background thread that samples CPU, memory, I/O wait and (through NVML) GPU usage, like SageMaker's.
+
+Each sample is one JSON line of ``<run>/profiler-output/system.jsonl``::
+
+    {"t": 1767268800.5, "cpu": [12.0, 80.5], "cpu_total": 46.2, "mem_percent": 31.0, "mem_used_gb": 4.9,
+     "iowait": 0.3, "gpus": [{"util": 97.0, "mem_percent": 41.2}]}
+
+NVML comes from the optional ``nvidia-ml-py`` package (``pip install dogbreed[gpu]``); without it, or
+without a GPU, ``gpus`` is an empty list and nothing else changes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+log = logging.getLogger(__name__)
+
+
+class _Nvml:
+    """GPU utilisation and memory through NVML, or nothing when NVML or a GPU is missing."""
+
+    def __init__(self) -> None:
+        self.handles: list[Any] = []
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self.handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+            self.pynvml = pynvml
+        except Exception as err:  # ImportError, or NVMLError on a machine without a driver: both mean "no GPU data"
+            log.debug("NVML unavailable (%s): no GPU samples", err)
+
+    def sample(self) -> list[dict[str, float]]:
+        out = []
+        for handle in self.handles:
+            try:
+                util = self.pynvml.nvmlDeviceGetUtilizationRates(handle)
+                mem = self.pynvml.nvmlDeviceGetMemoryInfo(handle)
+                out.append({"util": float(util.gpu), "mem_percent": 100.0 * mem.used / max(mem.total, 1)})
+            except Exception:  # a GPU that stops answering must not kill the monitor
+                out.append({"util": float("nan"), "mem_percent": float("nan")})
+        return out
+
+    def close(self) -> None:
+        if self.handles:
+            try:
+                self.pynvml.nvmlShutdown()
+            except Exception:
+                pass
+
+
+def sample_system(nvml: _Nvml | None = None) -> dict[str, Any]:
+    """One sample; CPU percentages are since the previous call (the first call of a process reads 0)."""
+    per_core = psutil.cpu_percent(percpu=True)
+    times = psutil.cpu_times_percent()
+    mem = psutil.virtual_memory()
+    return {
+        "t": time.time(),
+        "cpu": per_core,
+        "cpu_total": sum(per_core) / max(len(per_core), 1),
+        "mem_percent": mem.percent,
+        "mem_used_gb": round((mem.total - mem.available) / 2**30, 3),
+        "iowait": float(getattr(times, "iowait", 0.0)),
+        "gpus": nvml.sample() if nvml else [],
+    }
+
+
+class SystemMonitor:
+    """Append a system sample to ``path`` every ``interval`` seconds until :meth:`stop`.
+
+    Args:
+        path: The JSON-lines file (appended to, so fit and test of one run share it).
+        interval: Seconds between samples (SageMaker's default is 500 ms).
+    """
+
+    def __init__(self, path: str | Path, interval: float = 0.5) -> None:
+        if interval <= 0:
+            raise ValueError(f"callbacks.profiler.monitor_interval must be > 0 seconds, got {interval}.")
+        self.path = Path(path)
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> None:
+        if self.running:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="dogbreed-system-monitor", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join(timeout=5 * self.interval + 1)
+            self._thread = None
+
+    def _run(self) -> None:
+        nvml = _Nvml()
+        psutil.cpu_percent(percpu=True)  # prime the counters: the first reading is meaningless
+        psutil.cpu_times_percent()
+        try:
+            with open(self.path, "a") as f:
+                while not self._stop.wait(self.interval):
+                    f.write(json.dumps(sample_system(nvml)) + "\n")
+                    f.flush()
+        except Exception:  # never take training down with the monitor
+            log.exception("System monitor stopped")
+        finally:
+            nvml.close()

@@ -1,0 +1,257 @@
+"""Assemble the report from a run directory: rules first, then what explains them."""
+
+from __future__ import annotations
+
+import csv
+import html
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dogbreed.callbacks.debug_output import DEBUG_DIR, Trial, load_trial
+from dogbreed.callbacks.profiler_rules import (
+    PROFILER_DIR,
+    RULE_RESULTS,
+    ProfileData,
+    build_profiler_rules,
+    evaluate_profiler_rules,
+    load_profile,
+)
+from dogbreed.callbacks.rules import ERROR, ISSUES, NOT_APPLICABLE, RuleResult
+from dogbreed.report import plots
+
+log = logging.getLogger(__name__)
+
+REPORT_DIR = "report"
+HTML = "profiler-report.html"
+RULES = "rules.json"
+
+STYLE = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1150px;color:#222;padding:0 1em}
+h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
+table{border-collapse:collapse;margin:.6em 0;font-size:.9em}td,th{border:1px solid #ddd;padding:.3em .6em;vertical-align:top}
+th{background:#f4f4f4;text-align:left}img{max-width:100%}.muted{color:#777}
+.IssuesFound{background:#fde2e1;font-weight:bold}.NoIssuesFound{background:#e3f6e5}.Error{background:#fff1c9;font-weight:bold}
+.NotApplicable{background:#eee;color:#666}.box{background:#f8f8f8;border-left:4px solid #888;padding:.6em 1em}
+"""
+
+
+def collect_rules(run_dir: str | Path) -> list[RuleResult]:
+    """Every configured rule's result: the debugger's as written, the profiler's as written or evaluated now."""
+    run_dir = Path(run_dir)
+    results: list[RuleResult] = []
+    debug_results = run_dir / DEBUG_DIR / "rule-results.json"
+    if debug_results.is_file():
+        results += [RuleResult.from_dict(r) for r in json.loads(debug_results.read_text())]
+    profiler_results = run_dir / PROFILER_DIR / RULE_RESULTS
+    if profiler_results.is_file():
+        results += [RuleResult.from_dict(r) for r in json.loads(profiler_results.read_text())]
+    elif (run_dir / PROFILER_DIR).is_dir():
+        results += evaluate_profiler_rules(load_profile(run_dir), build_profiler_rules())
+    return results
+
+
+def _table(headers: list[str], rows: list[list[Any]], raw: set[int] | None = None) -> str:
+    raw = raw or set()
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{c if i in raw else html.escape(str(c))}</td>" for i, c in enumerate(row)) + "</tr>"
+        for row in rows
+    )
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _img(b64: str | None, alt: str) -> str:
+    if not b64:
+        return f'<p class="muted">No data for {html.escape(alt)}.</p>'
+    return f'<p><img alt="{html.escape(alt)}" src="data:image/png;base64,{b64}"></p>'
+
+
+def _seconds(value: float | None) -> str:
+    if value is None or not math.isfinite(value):
+        return "-"
+    return f"{value / 60:.1f} min" if value >= 120 else f"{value:.1f} s"
+
+
+def _rules_section(results: list[RuleResult]) -> str:
+    fired = [r for r in results if r.status in (ISSUES, ERROR)]
+    rows = [
+        [r.name, r.kind, f'<span class="{r.status}">{r.status}</span>', "" if r.step is None else r.step,
+         html.escape(r.message), html.escape(r.recommendation)]
+        for r in sorted(results, key=lambda r: (r.status not in (ISSUES, ERROR), r.kind, r.name))
+    ]  # fmt: skip
+    if fired:
+        lead = f"<div class='box'><b>{len(fired)} of {len(results)} rules found issues.</b> What to change:<ul>"
+        lead += "".join(
+            f"<li><b>{html.escape(r.name)}</b> (step {r.step}): {html.escape(r.message)}. "
+            f"{html.escape(r.recommendation)}</li>"
+            for r in fired
+        )
+        lead += "</ul></div>"
+    else:
+        lead = f"<div class='box'>All {len(results)} rules found no issues.</div>"
+    return lead + _table(["rule", "kind", "status", "step", "message", "recommendation"], rows, raw={2})
+
+
+def _job_summary(profile: ProfileData) -> tuple[str, dict[str, float | None]]:
+    meta = profile.meta
+    created, first, train_end, end = (meta.get(k) for k in ("created", "first_step", "train_end", "end"))
+    phases = {
+        "initialisation": first - created if first and created else None,
+        "training loop": train_end - first if train_end and first else None,
+        "finalisation (test, export)": end - train_end if end and train_end else None,
+    }
+    durations = profile.step_values("duration")
+    rows = [[k, _seconds(v)] for k, v in phases.items()]
+    rows += [
+        ["training steps", len(profile.steps)],
+        ["mean / median step", f"{np.nanmean(durations) * 1000:.0f} / {np.nanmedian(durations) * 1000:.0f} ms"]
+        if durations.size else ["mean / median step", "-"],
+        ["device", f"{meta.get('accelerator', '?')} x {meta.get('devices', '?')}, {meta.get('gpu_count', 0)} GPU(s)"],
+        ["CPU cores / dataloader workers", f"{meta.get('cpu_count', '?')} / {meta.get('num_workers', '?')}"],
+        ["batch size", meta.get("batch_size", "?")],
+    ]  # fmt: skip
+    return _table(["", ""], rows), phases
+
+
+def _system_table(profile: ProfileData) -> str:
+    def row(name: str, values: np.ndarray) -> list[Any]:
+        values = values[np.isfinite(values)]
+        if not values.size:
+            return [name, "-", "-", "-", "-"]
+        return [name, *(f"{np.percentile(values, q):.1f}" for q in (5, 50, 95)), f"{values.max():.1f}"]
+
+    rows = [row("CPU total %", profile.series("cpu_total")), row("memory %", profile.series("mem_percent")),
+            row("I/O wait %", profile.series("iowait"))]  # fmt: skip
+    cores = np.asarray([s["cpu"] for s in profile.system], dtype=float)
+    if cores.ndim == 2 and cores.size:
+        rows += [row(f"CPU core {i} %", cores[:, i]) for i in range(min(cores.shape[1], 16))]
+    if profile.has_gpu:
+        util, mem = profile.gpu_series("util"), profile.gpu_series("mem_percent")
+        for g in range(util.shape[1]):
+            rows += [row(f"GPU{g} utilisation %", util[:, g]), row(f"GPU{g} memory %", mem[:, g])]
+    return _table(["metric", "p5", "p50", "p95", "max"], rows)
+
+
+def _phase_table(profile: ProfileData) -> str:
+    rows = []
+    for key in ("duration", "dataloader", "forward", "backward", "optimizer"):
+        values = profile.step_values(key)[1:]
+        values = values[np.isfinite(values)]
+        if values.size:
+            rows.append([key, f"{values.mean() * 1000:.1f}", f"{np.median(values) * 1000:.1f}",
+                         f"{np.percentile(values, 95) * 1000:.1f}"])  # fmt: skip
+    return _table(["per step (first excluded)", "mean ms", "median ms", "p95 ms"], rows) if rows else ""
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _confusion_section(run_dir: Path) -> str:
+    rows = (
+        list(csv.reader(open(run_dir / "confusion_matrix.csv"))) if (run_dir / "confusion_matrix.csv").is_file() else []
+    )
+    metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else {}
+    if not rows and not metrics:
+        return '<p class="muted">No test results in this run (metrics.json, confusion_matrix.csv).</p>'
+    out = ""
+    headline = {k: v for k, v in metrics.items() if k.startswith("test/") and isinstance(v, int | float)}
+    if headline:
+        out += _table(["test metric", "value"], [[k, f"{v:.4f}"] for k, v in sorted(headline.items())])
+    per_class = metrics.get("test/per_class_acc") or {}
+    if per_class:
+        worst = sorted(per_class.items(), key=lambda kv: kv[1])[:10]
+        out += "<h3>Worst classes</h3>" + _table(["class", "test accuracy"], [[n, f"{a:.1%}"] for n, a in worst])
+    if rows:
+        names = rows[0][1:]
+        matrix = [[int(x) for x in r[1:]] for r in rows[1:]]
+        pairs = sorted(
+            ((matrix[i][j], names[i], names[j]) for i in range(len(names)) for j in range(len(names)) if i != j),
+            reverse=True,
+        )[:10]
+        pairs = [p for p in pairs if p[0] > 0]
+        if pairs:
+            out += "<h3>Most frequent confusions</h3>" + _table(
+                ["true", "predicted as", "images"], [[t, p, n] for n, t, p in pairs]
+            )
+        out += _img(plots.confusion_png(matrix, names), "confusion matrix")
+    return out
+
+
+def _top_ops(profile: ProfileData) -> str:
+    if not profile.top_ops:
+        return (
+            '<p class="muted">No torch.profiler trace (set callbacks.profiler.trace_steps=[10,15] to record one).</p>'
+        )
+    rows = [[o["name"], o["calls"], f"{o['self_cpu_ms']:.2f}", f"{o['cpu_total_ms']:.2f}", f"{o.get('self_device_ms', 0):.2f}"]
+            for o in profile.top_ops]  # fmt: skip
+    return _table(["operator", "calls", "self CPU ms", "CPU total ms", "self GPU ms"], rows) + (
+        '<p class="muted">Full trace: profiler-output/trace.json (open in https://ui.perfetto.dev, offline too).</p>'
+    )
+
+
+def build_report(run_dir: str | Path) -> tuple[Path, Path]:
+    """Write ``report/profiler-report.html`` and ``report/rules.json`` for ``run_dir``; return both paths."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir} is not a directory: pass a run directory (outputs/train/runs/<time>).")
+    if not (run_dir / DEBUG_DIR).is_dir() and not (run_dir / PROFILER_DIR).is_dir():
+        raise FileNotFoundError(
+            f"{run_dir} has neither {DEBUG_DIR}/ nor {PROFILER_DIR}/: train with callbacks=default (which adds the "
+            "debugger and profiler callbacks) to get a report."
+        )
+    results = collect_rules(run_dir)
+    trial: Trial | None = load_trial(run_dir) if (run_dir / DEBUG_DIR).is_dir() else None
+    profile = load_profile(run_dir)
+    out_dir = run_dir / REPORT_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rules_path = out_dir / RULES
+    rules_path.write_text(json.dumps([r.to_dict() for r in results], indent=2))
+
+    summary_table, phases = _job_summary(profile)
+    stddev = next((r.parameters.get("stddev", 3) for r in results if r.name == "StepOutlier"), 3)
+    sections = [
+        f"<h1>Training report</h1><p class='muted'>{html.escape(str(run_dir.resolve()))}<br>generated "
+        f"{time.strftime('%Y-%m-%d %H:%M:%S')}</p>",
+        "<h2>Rules</h2>" + _rules_section(results),
+        "<h2>Job summary</h2>" + summary_table + _img(plots.summary_bar(phases), "job timeline"),
+        "<h2>Training and validation</h2>" + _img(plots.loss_curves(trial, _read_csv(run_dir / "csv" / "metrics.csv")), "loss and accuracy curves"),
+        "<h2>Gradient norms per layer</h2>" + _img(plots.gradient_norms(trial), "per-layer gradient norms"),
+        "<h2>Step durations</h2>" + _phase_table(profile) + _img(plots.step_plots(profile, stddev), "step durations"),
+        "<h2>System usage</h2>" + _system_table(profile) + _img(plots.system_timeline(profile), "system usage timeline"),
+        "<h2>Top operators</h2>" + _top_ops(profile),
+        "<h2>Test results</h2>" + _confusion_section(run_dir),
+    ]  # fmt: skip
+    html_path = out_dir / HTML
+    html_path.write_text(
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>dogbreed report: {html.escape(run_dir.name)}"
+        f"</title><style>{STYLE}</style></head><body>{''.join(sections)}</body></html>"
+    )
+    not_applicable = sum(r.status == NOT_APPLICABLE for r in results)
+    issues = [r.name for r in results if r.status == ISSUES]
+    log.info(
+        "Report %s: %d rules, issues: %s (%d not applicable)", html_path, len(results), issues or "none", not_applicable
+    )
+    return html_path, rules_path
+
+
+def report_run(run_dir: str | Path) -> Path | None:
+    """The end-of-training report: skipped without profiler/debugger output, and never fails the run."""
+    run_dir = Path(run_dir)
+    if not (run_dir / DEBUG_DIR).is_dir() and not (run_dir / PROFILER_DIR).is_dir():
+        log.info("No debugger/profiler output in %s: no report (callbacks=default adds them).", run_dir)
+        return None
+    try:
+        return build_report(run_dir)[0]
+    except Exception:  # the model and metrics are already written; a broken plot must not fail training
+        log.exception("Could not build the report; rerun it with: python -m dogbreed.report %s", run_dir)
+        return None
