@@ -13,19 +13,21 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
 from omegaconf import open_dict
 from PIL import Image
 
 from dogbreed.data import DogBreedDataModule
-from dogbreed.data.cache import DATA, INDEX, META, CachedImageDataset, estimate_bytes
+from dogbreed.data.cache import INDEX, META, CachedImageDataset, estimate_bytes, shard_name
 from dogbreed.data.decode import DecodedImageDataset, auto_num_workers, available_cores, read_rgb
 from dogbreed.data.device_aug import BatchAugment, UInt8Batch
 from dogbreed.models import DogBreedClassifier
-from dogbreed.train import train
+from dogbreed.train import CONFIG_DIR, train
 from dogbreed.transforms import Preprocessing, load_rgb
-from tests.conftest import compose_config, make_small
-from tests.test_train import DEMO_MIN_TEST_ACC
+
+DATA = shard_name(0)  # the one pixel file of a cache built without worker processes
+DEMO_MIN_TEST_ACC = 0.5  # the band the plain demo is held to (tests/test_train.py)
 
 # small settings so that every test runs in well under a second
 SMALL = {"image_size": 24, "resize_size": 28, "crop_scale": (0.3, 1.0), "verify_images": False, "num_workers": 0}
@@ -92,7 +94,7 @@ def test_other_formats_fall_back_to_pil(tmp_path):
     rgba = np.zeros((10, 12, 4), np.uint8)
     rgba[..., 0] = 200  # red, fully transparent: composited over white like load_rgb does
     Image.fromarray(rgba).save(tmp_path / "a.png")
-    expected = torch.from_numpy(np.asarray(load_rgb(tmp_path / "a.png"))).permute(2, 0, 1)
+    expected = torch.from_numpy(np.array(load_rgb(tmp_path / "a.png"))).permute(2, 0, 1)
     assert torch.equal(read_rgb(tmp_path / "a.png"), expected)
     assert int(expected.min()) == 255
 
@@ -127,11 +129,20 @@ def test_cache_reports_its_size_before_writing_and_matches_the_estimate(varied, 
     folder = cache_folder(dm)
     meta = json.loads((folder / META).read_text())
     files = sorted({rel for s in dm.index.samples.values() for rel, _ in s})
-    assert meta["nbytes"] == (folder / DATA).stat().st_size == estimate_bytes(varied, files, 28)
+    assert meta["shards"] == {DATA: (folder / DATA).stat().st_size}
+    assert dm.datasets["train"].cache.nbytes == estimate_bytes(varied, files, 28)
     messages = [r.getMessage() for r in caplog.records]
     announce = next(i for i, m in enumerate(messages) if "need" in m and "GB" in m)
     built = next(i for i, m in enumerate(messages) if m.startswith("Cached"))
     assert announce < built
+
+
+def test_a_cache_built_by_worker_processes_equals_one_built_in_process(varied, tmp_path):
+    in_process = datamodule(varied, tmp_path / "a")
+    by_workers = datamodule(varied, tmp_path / "b", num_workers=2)
+    assert len(by_workers.datasets["train"].cache.shard_bytes) == 2
+    one, two = in_process.datasets["train"].cache, by_workers.datasets["train"].cache
+    assert all(torch.equal(one[i], two[i]) for i in range(len(one)))
 
 
 def test_a_second_run_reuses_the_cache(varied, tmp_path, caplog):
@@ -334,10 +345,16 @@ def test_gpu_device_augmentation_matches_the_cpu_result(varied, tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_preset_trains_the_demo_with_amp_channels_last_cache_and_device_augmentation(tmp_path):
-    cfg = make_small(compose_config(["experiment=demo", "trainer=gpu"]), tmp_path)
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
+        cfg = compose("train", overrides=["experiment=demo", "trainer=gpu"])
     with open_dict(cfg):
-        cfg.trainer.accelerator = "gpu"
-        cfg.data.update(cache=True, device_augment="auto", num_workers=1)
+        cfg.paths.update(output_dir=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"))
+        cfg.paths.model_dir = str(tmp_path / "run" / "model")
+        cfg.trainer.update(max_epochs=1, limit_train_batches=8, limit_val_batches=2, limit_test_batches=2)
+        cfg.trainer.enable_progress_bar = False
+        cfg.callbacks.pop("progress_bar", None)
+        cfg.data.num_workers = 1
+    assert cfg.trainer.accelerator == "gpu" and cfg.data.device_augment == "auto" and cfg.data.cache
     metrics = train(cfg)
     assert cfg.data.pin_memory and cfg.data.persistent_workers
     assert cfg.trainer.precision in ("bf16-mixed", "16-mixed") and cfg.model.channels_last

@@ -5,11 +5,12 @@ Later epochs and later runs read raw pixels instead of decoding JPEGs. The cache
 transform; resizing an image that already has that size is a no-op, so eval tensors from the cache are
 identical to those computed from the files, and to what serving computes.
 
-Files in ``<folder>``: ``images.u8`` (pixels, back to back), ``index.npy`` (offset, height, width per
+Files in ``<folder>``: ``images-<shard>.u8`` (pixels back to back; each build worker appends to its own
+shard, so pixels never cross processes), ``index.npy`` (shard, offset, height, width and CRC-32 of each
 image) and ``meta.json``, written last: the completion marker, holding the key (dataset file list with
-sizes and mtimes, resize settings, decoder) and CRC-32 checksums of the other two. Everything is written
-under temporary names and renamed, so an interrupted build leaves no ``meta.json`` and is rebuilt;
-a truncated or corrupted file fails its checksum and is rebuilt too.
+sizes and mtimes, resize settings, decoder), the shard sizes and the index's checksum. Everything is
+written under temporary names and renamed, so an interrupted build leaves no ``meta.json`` and is
+rebuilt; a truncated or corrupted file fails its size or checksum test when opened and is rebuilt too.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from dogbreed.data.decode import DecodedImageDataset
 from dogbreed.transforms import Preprocessing
@@ -37,7 +38,7 @@ from dogbreed.transforms import Preprocessing
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
-DATA, INDEX, META = "images.u8", "index.npy", "meta.json"
+INDEX, META = "index.npy", "meta.json"
 _CHUNK = 64 << 20
 _EXIF_ORIENTATION, _TRANSPOSED = 0x0112, {5, 6, 7, 8}
 
@@ -86,27 +87,35 @@ def estimate_bytes(root: Path, rel_paths: Sequence[str], resize_size: int) -> in
 class DecodedImageCache:
     """Read access to a complete cache; open it with :func:`load_or_build`."""
 
-    def __init__(self, folder: Path, index: np.ndarray) -> None:
+    def __init__(self, folder: Path, index: np.ndarray, shard_bytes: dict[str, int]) -> None:
         self.folder = folder
-        self.index = index
-        self._pixels: np.memmap | None = None
+        self.index = index  # per image: shard, offset, height, width, crc32
+        self.shard_bytes = shard_bytes
+        self._shards: dict[int, np.memmap] = {}
 
     def __len__(self) -> int:
         return len(self.index)
 
+    def _pixels(self, i: int) -> np.ndarray:
+        shard, offset, height, width, _ = (int(v) for v in self.index[i])
+        if shard not in self._shards:  # mapped lazily so that each DataLoader worker maps the files itself
+            self._shards[shard] = np.memmap(self.folder / shard_name(shard), dtype=np.uint8, mode="r")
+        return self._shards[shard][offset : offset + 3 * height * width]
+
     def __getitem__(self, i: int) -> torch.Tensor:
-        if self._pixels is None:  # opened lazily so that each DataLoader worker maps the file itself
-            self._pixels = np.memmap(self.folder / DATA, dtype=np.uint8, mode="r")
-        offset, height, width = (int(v) for v in self.index[i])
-        pixels = np.array(self._pixels[offset : offset + 3 * height * width])
-        return torch.from_numpy(pixels).view(3, height, width)
+        _, _, height, width, _ = (int(v) for v in self.index[i])
+        return torch.from_numpy(np.array(self._pixels(i))).view(3, height, width)
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_pixels": None}
+        return {**self.__dict__, "_shards": {}}
 
     @property
     def nbytes(self) -> int:
-        return int((self.folder / DATA).stat().st_size)
+        return sum(self.shard_bytes.values())
+
+    def corrupted(self) -> int | None:
+        """The first image whose pixels fail their CRC-32, or None."""
+        return next((i for i in range(len(self)) if zlib.crc32(self._pixels(i)) != int(self.index[i, 4])), None)
 
 
 class CachedImageDataset(Dataset):
@@ -132,6 +141,10 @@ class CachedImageDataset(Dataset):
         return (self.transform(image) if self.transform else image), self.labels[i]
 
 
+def shard_name(shard: int) -> str:
+    return f"images-{shard}.u8"
+
+
 def _crc32(path: Path) -> int:
     crc = 0
     with open(path, "rb") as f:
@@ -147,18 +160,54 @@ def open_cache(folder: Path, key: str) -> DecodedImageCache | None:
     except (OSError, ValueError):
         return None
     reason = None
+    shards: dict[str, int] = meta.get("shards", {})
     if meta.get("key") != key or meta.get("version") != CACHE_VERSION:
         reason = "the dataset or the resize settings changed"
-    elif not (folder / DATA).is_file() or (folder / DATA).stat().st_size != meta.get("nbytes"):
-        reason = f"{DATA} has the wrong size (interrupted or truncated)"
+    elif any(not (folder / name).is_file() or (folder / name).stat().st_size != size for name, size in shards.items()):
+        reason = "a pixel file has the wrong size (interrupted or truncated)"
     elif not (folder / INDEX).is_file() or _crc32(folder / INDEX) != meta.get("index_crc32"):
         reason = f"{INDEX} fails its checksum"
-    elif _crc32(folder / DATA) != meta.get("crc32"):
-        reason = f"{DATA} fails its checksum (corrupted)"
-    if reason:
-        log.warning("Decoded-image cache %s is stale: %s; rebuilding it.", folder, reason)
-        return None
-    return DecodedImageCache(folder, np.load(folder / INDEX))
+    else:
+        cache = DecodedImageCache(folder, np.load(folder / INDEX), shards)
+        bad = cache.corrupted()
+        if bad is None:
+            return cache
+        reason = f"the pixels of image {bad} fail their checksum (corrupted)"
+    log.warning("Decoded-image cache %s is stale: %s; rebuilding it.", folder, reason)
+    return None
+
+
+class _ShardWriter(Dataset):
+    """Decodes and resizes image ``i``, appends it to this process's shard file, returns where it went.
+
+    Each DataLoader worker writes its own shard, so pixels never travel between processes.
+    """
+
+    def __init__(self, images: DecodedImageDataset, folder: Path) -> None:
+        self.images, self.folder = images, folder
+        self.shard, self._fd = 0, -1
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[int, int, int, int, int, int]:
+        if self._fd < 0:
+            worker = get_worker_info()
+            self.shard = worker.id if worker else 0
+            flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND
+            self._fd = os.open(self.folder / f".{shard_name(self.shard)}.tmp", flags, 0o644)
+        image, _ = self.images[i]
+        data = memoryview(image.contiguous().numpy()).cast("B")
+        offset = os.lseek(self._fd, 0, os.SEEK_END)
+        written = 0
+        while written < data.nbytes:  # unbuffered: workers exit without flushing Python buffers
+            written += os.write(self._fd, data[written:])
+        return i, self.shard, offset, image.shape[1], image.shape[2], zlib.crc32(data)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 def build_cache(
@@ -173,40 +222,44 @@ def build_cache(
     """Decode and resize every image into ``folder`` (temporary names, renamed when complete)."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / META).unlink(missing_ok=True)  # from here on the old files no longer count as a cache
-    for leftover in folder.glob(".*.tmp"):  # an interrupted build's partial files (builds hold the lock)
+    for leftover in [*folder.glob(".*.tmp"), *folder.glob(shard_name("*"))]:  # builds hold the lock
         leftover.unlink()
     start = time.perf_counter()
     images = DecodedImageDataset(root, [(rel, 0) for rel in rel_paths], preprocessing.resize_transform(), decoder)
+    writer = _ShardWriter(images, folder)
     # its own generator: building the cache must not shift the seeded random stream training draws from
-    loader = DataLoader(images, batch_size=None, num_workers=num_workers, generator=torch.Generator())
-    index = np.zeros((len(rel_paths), 3), dtype=np.int64)
-    tmp = {name: folder / f".{name}.{os.getpid()}.tmp" for name in (DATA, INDEX, META)}
-    offset, crc = 0, 0
-    with open(tmp[DATA], "wb") as out:
-        for i, (image, _) in enumerate(loader):
-            buffer = memoryview(image.contiguous().numpy()).cast("B")
-            out.write(buffer)
-            crc = zlib.crc32(buffer, crc)
-            index[i] = (offset, image.shape[1], image.shape[2])
-            offset += buffer.nbytes
-        out.flush()
-        os.fsync(out.fileno())
-    with open(tmp[INDEX], "wb") as f:
+    loader = DataLoader(writer, batch_size=None, num_workers=num_workers, generator=torch.Generator())
+    index = np.zeros((len(rel_paths), 5), dtype=np.int64)
+    try:
+        for i, *entry in loader:
+            index[i] = entry
+    finally:
+        writer.close()
+    shards = {}
+    for shard in sorted(set(index[:, 0].tolist())):
+        tmp = folder / f".{shard_name(shard)}.tmp"
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        shards[shard_name(shard)] = tmp.stat().st_size
+        os.replace(tmp, folder / shard_name(shard))
+    with open(folder / f".{INDEX}.tmp", "wb") as f:
         np.save(f, index)
+    os.replace(folder / f".{INDEX}.tmp", folder / INDEX)
     meta = {
         "version": CACHE_VERSION,
         "key": key,
         "count": len(rel_paths),
-        "nbytes": offset,
-        "crc32": crc,
-        "index_crc32": _crc32(tmp[INDEX]),
+        "shards": shards,
+        "index_crc32": _crc32(folder / INDEX),
         "resize_size": preprocessing.resize_size,
     }
-    tmp[META].write_text(json.dumps(meta, indent=1))
-    for name in (DATA, INDEX, META):  # META last: it marks the cache complete
-        os.replace(tmp[name], folder / name)
-    log.info("Cached %d decoded images (%.2f GB) in %.1f s", len(rel_paths), offset / 1e9, time.perf_counter() - start)
-    return DecodedImageCache(folder, index)
+    (folder / f".{META}.tmp").write_text(json.dumps(meta, indent=1))
+    os.replace(folder / f".{META}.tmp", folder / META)  # last: it marks the cache complete
+    cache = DecodedImageCache(folder, index, shards)
+    log.info(
+        "Cached %d decoded images (%.2f GB) in %.1f s", len(rel_paths), cache.nbytes / 1e9, time.perf_counter() - start
+    )
+    return cache
 
 
 @contextlib.contextmanager
