@@ -60,6 +60,26 @@ def demo_cfg(demo_cfg_global: DictConfig, tmp_path: Path) -> DictConfig:
     return make_small(demo_cfg_global.copy(), tmp_path)
 
 
+@pytest.fixture(scope="session")
+def debug_demo_run(demo_cfg_global: DictConfig, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One healthy demo run with the debugger, profiler and report, shared by their tests; returns the run dir.
+
+    3 epochs x 16 steps of 28-px images. The demo's own ``data.mean/std`` (0.5) do not centre its images
+    (``check_input_images`` says so); here they are the data's statistics. The first validation comes after
+    16 steps from scratch, before BatchNorm's running statistics settle, so ``overfit`` starts after it.
+    """
+    from dogbreed.train import train
+
+    cfg = make_small(demo_cfg_global.copy(), tmp_path_factory.mktemp("debug_demo"))
+    with open_dict(cfg):
+        cfg.data.update(image_size=28, resize_size=32, mean=[0.34] * 3, std=[0.35] * 3)
+        cfg.trainer.update(max_epochs=3, limit_train_batches=16)
+        cfg.callbacks.debugger.save_interval = 16
+        cfg.callbacks.debugger.rules.overfit.start_step = 17
+    train(cfg)
+    return Path(cfg.paths.output_dir)
+
+
 def write_image_folder(
     root: Path,
     classes: list[str] = ("001.Alpha", "002.Beta", "003.Gamma"),  # type: ignore[assignment]
