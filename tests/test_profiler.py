@@ -1,0 +1,188 @@
+"""Profiler: step timings, system monitor, torch.profiler trace and SageMaker's profiler rules."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from dogbreed.callbacks import Profiler
+from dogbreed.callbacks.profiler_rules import PROFILER_RULES, ProfileData, build_profiler_rules, evaluate_profiler_rules
+from dogbreed.callbacks.rules import ISSUES, NO_ISSUES, NOT_APPLICABLE
+from dogbreed.callbacks.system_monitor import SystemMonitor
+
+from .test_debugger import TinyClassifier, tensors, tiny_fit
+
+GPU_RULES = {"LowGPUUtilization", "CPUBottleneck", "BatchSize", "GPUMemoryIncrease"}
+
+
+class SleepyDataset(Dataset):
+    """Tiny samples; every ``every``-th one makes the loader sleep ``seconds`` (a stalling data source)."""
+
+    def __init__(self, n: int, every: int, seconds: float) -> None:
+        self.data, self.every, self.seconds = tensors(n), every, seconds
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> Any:
+        if i % self.every == self.every - 1:
+            time.sleep(self.seconds)
+        return self.data[i]
+
+
+def results_by_name(run_dir: Path) -> dict[str, dict[str, Any]]:
+    return {r["name"]: r for r in json.loads((run_dir / "profiler-output" / "rule-results.json").read_text())}
+
+
+@pytest.fixture(scope="module")
+def sleepy_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """168 one-sample steps; every 14th waits 60 ms for its data: 12 outliers, and a loader-bound run."""
+    run_dir = tmp_path_factory.mktemp("sleepy")
+    profiler = Profiler(run_dir=run_dir, monitor_interval=0.1, trace_steps=[2, 4])
+    tiny_fit([profiler], train=SleepyDataset(168, every=14, seconds=0.06), batch_size=1, shuffle=False)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def demo_results(debug_demo_run: Path) -> dict[str, dict[str, Any]]:
+    return results_by_name(debug_demo_run)
+
+
+def test_step_outlier_fires_on_a_stalling_loader(sleepy_run: Path) -> None:
+    result = results_by_name(sleepy_run)["StepOutlier"]
+    assert result["status"] == ISSUES and result["message"].startswith("12 step(s) longer than")
+    assert result["step"] == 13
+
+
+def test_dataloader_fires_on_a_stalling_loader(sleepy_run: Path) -> None:
+    result = results_by_name(sleepy_run)["Dataloader"]
+    assert (
+        result["status"] == ISSUES and "0 worker(s)" in result["message"] and "num_workers" in result["recommendation"]
+    )
+
+
+def test_step_timings_and_trace_are_written(sleepy_run: Path) -> None:
+    out = sleepy_run / "profiler-output"
+    steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == list(range(168))
+    for s in steps:
+        assert s["duration"] >= s["dataloader"] >= 0 and min(s["forward"], s["backward"], s["optimizer"]) > 0
+    assert np.mean([s["dataloader"] for s in steps[13::14]]) > 0.05  # the stalled batches waited for their data
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["created"] <= meta["first_step"] <= meta["train_end"] <= meta["end"]
+    assert meta["num_workers"] == 0 and meta["batch_size"] == 1
+    assert json.loads((out / "top_ops.json").read_text())[0]["calls"] > 0
+    assert "aten::" in (out / "top_ops.txt").read_text() and (out / "trace.json").stat().st_size > 1000
+
+
+def test_max_initialization_time_fires_on_a_slow_start(tmp_path: Path) -> None:
+    class SlowSetup(TinyClassifier):
+        def setup(self, stage: str) -> None:
+            time.sleep(0.3)
+
+    profiler = Profiler(run_dir=tmp_path, rules={"MaxInitializationTime": {"threshold": 0.003}})  # 0.18 s
+    tiny_fit([profiler], model=SlowSetup())
+    result = results_by_name(tmp_path)["MaxInitializationTime"]
+    assert result["status"] == ISSUES and result["message"].endswith("> 0.003 min")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "rule", ["StepOutlier", "Dataloader", "MaxInitializationTime", "IOBottleneck", "OverallSystemUsage"]
+)
+def test_demo_run_has_no_issues(demo_results: dict[str, dict[str, Any]], rule: str) -> None:
+    assert demo_results[rule]["status"] == NO_ISSUES, demo_results[rule]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU-only run")
+@pytest.mark.parametrize("rule", sorted(GPU_RULES))
+def test_gpu_rules_are_not_applicable_on_cpu(demo_results: dict[str, dict[str, Any]], rule: str) -> None:
+    assert demo_results[rule]["status"] == NOT_APPLICABLE
+
+
+@pytest.mark.slow
+def test_system_monitor_sampled_the_demo(debug_demo_run: Path) -> None:
+    samples = [
+        json.loads(line) for line in (debug_demo_run / "profiler-output" / "system.jsonl").read_text().splitlines()
+    ]
+    assert len(samples) >= 4
+    assert {"t", "cpu", "cpu_total", "mem_percent", "mem_used_gb", "iowait", "gpus"} <= set(samples[0])
+    assert all(0 <= s["cpu_total"] <= 100 for s in samples)
+
+
+def test_system_monitor_without_nvml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(__import__("sys").modules, "pynvml", None)  # as if nvidia-ml-py were not installed
+    monitor = SystemMonitor(tmp_path / "system.jsonl", interval=0.05)
+    monitor.start()
+    time.sleep(0.3)
+    monitor.stop()
+    samples = [json.loads(line) for line in (tmp_path / "system.jsonl").read_text().splitlines()]
+    assert len(samples) >= 2 and all(s["gpus"] == [] for s in samples)
+    assert not monitor.running
+
+
+# ---- the GPU rules on recorded GPU samples (the CI machine has no GPU) --------------------------------------------
+def gpu_profile(util: float | list[float], mem: float | list[float] = 50.0, cpu: float = 50, iowait: float = 0):
+    """100 samples of one GPU; a number is a constant series."""
+    util = util if isinstance(util, list) else [util] * 100
+    mem = mem if isinstance(mem, list) else [mem] * 100
+    system = [
+        {"t": i * 0.5, "cpu": [cpu], "cpu_total": cpu, "mem_percent": 20, "iowait": iowait,
+         "gpus": [{"util": u, "mem_percent": m}]}
+        for i, (u, m) in enumerate(zip(util, mem, strict=True))
+    ]  # fmt: skip
+    return ProfileData(system=system)
+
+
+def evaluate(name: str, data: ProfileData, **params: Any) -> Any:
+    return evaluate_profiler_rules(data, build_profiler_rules({name: params}))[0]
+
+
+@pytest.mark.parametrize(
+    ("name", "broken", "healthy"),
+    [
+        ("LowGPUUtilization", gpu_profile(30.0), gpu_profile(95.0)),
+        ("LowGPUUtilization", gpu_profile([95.0, 0.0] * 50), gpu_profile(90.0)),
+        ("CPUBottleneck", gpu_profile(5.0, cpu=95), gpu_profile(90.0, cpu=95)),
+        ("IOBottleneck", gpu_profile(5.0, iowait=80), gpu_profile(90.0, iowait=80)),
+        ("BatchSize", gpu_profile(40.0, 20.0, cpu=30), gpu_profile(95.0, 20.0, cpu=30)),
+        ("GPUMemoryIncrease", gpu_profile(90.0, list(np.linspace(20, 40, 100))), gpu_profile(90.0, 30.0)),
+    ],
+)
+def test_gpu_rules_on_recorded_samples(name: str, broken: ProfileData, healthy: ProfileData) -> None:
+    assert evaluate(name, broken, patience=10).status == ISSUES
+    assert evaluate(name, healthy, patience=10).status == NO_ISSUES
+
+
+def test_io_bottleneck_on_cpu_looks_at_io_wait_alone() -> None:
+    data = ProfileData(system=[{"t": i, "cpu": [10], "cpu_total": 10, "iowait": 90, "gpus": []} for i in range(50)])
+    assert evaluate("IOBottleneck", data, patience=0).status == ISSUES
+
+
+def test_dataloader_fires_on_too_many_workers() -> None:
+    data = ProfileData(meta={"num_workers": 16, "cpu_count": 4})
+    result = evaluate("Dataloader", data)
+    assert result.status == ISSUES and "400% of the cores > 200%" in result.message
+
+
+def test_every_profiler_rule_is_configurable(tmp_path: Path) -> None:
+    from hydra.utils import instantiate
+
+    from .conftest import compose_config, make_small
+
+    cfg = make_small(compose_config(["experiment=demo", "callbacks.profiler.rules.StepOutlier.stddev=4"]), tmp_path)
+    profiler = instantiate(cfg.callbacks.profiler)
+    by_name = {r.name: r for r in profiler.rules}
+    assert set(by_name) == set(PROFILER_RULES) and by_name["StepOutlier"].stddev == 4
+    for name, rule in by_name.items():
+        assert set(cfg.callbacks.profiler.rules[name]) == set(rule.parameters()), name
+    with pytest.raises(ValueError, match="unknown rule 'StepOutliers'"):
+        Profiler(rules={"StepOutliers": {}})
