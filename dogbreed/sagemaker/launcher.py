@@ -244,6 +244,11 @@ def make_estimator(
             ", ".join(requirements()),
         )
     checkpoints = sm.spot or sm.always_checkpoint
+    if checkpoints and sm.debugger.enabled and not for_tuning:
+        log.warning(
+            "The SageMaker SDK turns the debugger hook off for PyTorch jobs that checkpoint (spot): the debugger "
+            "rules will see no tensors; profiler rules are unaffected."
+        )
     kwargs: dict[str, Any] = {} if for_tuning else profiler_and_debugger(sm)
     if for_tuning:
         kwargs.update(disable_profiler=True, debugger_hook_config=False)
@@ -287,6 +292,7 @@ def channels(cfg: DictConfig, session: Any) -> dict[str, Any]:
 
 def launch_train(cfg: DictConfig, job_overrides: Sequence[str], session: Any | None = None) -> str:
     """Submit a training job; return its name."""
+    _required(cfg.sagemaker, "role")  # before uploading anything
     session = session or make_session(cfg.sagemaker)
     inputs = channels(cfg, session)
     with source_dir() as code:
@@ -366,6 +372,7 @@ def make_tuner(cfg: DictConfig, estimator: Any) -> Any:
 
 def launch_tune(cfg: DictConfig, job_overrides: Sequence[str], session: Any | None = None) -> str:
     """Submit a tuning job over ``hparams_search``; return its name."""
+    _required(cfg.sagemaker, "role")  # before uploading anything
     session = session or make_session(cfg.sagemaker)
     tuned = set(cfg.hparams_search.params)
     static = [o for o in job_overrides if o.split("=", 1)[0].lstrip("+~") not in tuned]
