@@ -39,6 +39,9 @@ def _parser(*, model_default: str | None, host_default: str, prog: str) -> argpa
     parser.add_argument("--max-body-mb", type=float, default=config.max_body_bytes / 2**20, help="request size limit")
     parser.add_argument("--max-pixels", type=int, default=limits.max_pixels, help="per image (decompression bombs)")
     parser.add_argument("--max-images", type=int, default=limits.max_images, help="images per request")
+    parser.add_argument(
+        "--max-connections", type=int, default=128, help="concurrent connections before answering 503 (bounds memory)"
+    )
     parser.add_argument("--threads", type=int, help=f"torch / ONNX Runtime threads (default: {available_cpus()} CPUs)")
     parser.add_argument("--shutdown-timeout", type=float, default=30, help="seconds to finish requests on SIGTERM")
     parser.add_argument("--access-log", action="store_true", help="log every request")
@@ -82,6 +85,7 @@ def main(argv: list[str] | None = None, *, container: bool = False) -> None:
             log_level=args.log_level,
             access_log=args.access_log,
             timeout_graceful_shutdown=args.shutdown_timeout,
+            limit_concurrency=args.max_connections,
         )
 
 
