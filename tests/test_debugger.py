@@ -170,11 +170,11 @@ def test_loss_not_decreasing_fires_when_nothing_learns(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def memorising_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
-    """64 random-label samples for 40 epochs: the model memorises them and validation gets worse."""
+    """64 random-label samples for 20 epochs: the model memorises them and validation gets worse."""
     rules = {"overfit": {}, "overtraining": {}, "loss_not_decreasing": {}}
     return run_rules(
         tmp_path_factory.mktemp("memorise"), rules, model=TinyClassifier(lr=3e-2), train=tensors(64, seed=1),
-        val=tensors(64, seed=2), epochs=40, save_interval=1000,
+        val=tensors(64, seed=2), epochs=20, save_interval=1000, batch_size=32,
     )  # fmt: skip
 
 
@@ -207,6 +207,7 @@ def test_check_input_images_quiet_on_normalised_inputs(tmp_path: Path) -> None:
     assert results["check_input_images"]["status"] == NO_ISSUES
 
 
+@pytest.mark.slow
 def test_class_imbalance_fires_on_a_one_class_dominated_dataset(demo_cfg, tmp_path: Path) -> None:
     """A real run of the demo model on 22 images of one class and 2 of the other."""
     source = tmp_path / "imbalanced"
