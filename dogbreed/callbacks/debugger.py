@@ -145,7 +145,9 @@ class Debugger(Callback):
             values = torch.stack([v.float() for _, v in self._loss_buffer]).cpu().tolist()
             self._loss_buffer.clear()
             if self.writer:
-                self.writer.write_losses({"step": s, "mode": "train", "value": v} for s, v in zip(steps, values))
+                self.writer.write_losses(
+                    {"step": s, "mode": "train", "value": v} for s, v in zip(steps, values, strict=True)
+                )
             for step, value in zip(steps, values, strict=True):
                 self._train_sum += value
                 self._train_n += 1

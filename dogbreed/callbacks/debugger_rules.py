@@ -212,9 +212,11 @@ class Overtraining(Rule):
         train_since = self._update("train", train_loss)
         val_since = self._update("val", val_loss)
         if val_since >= self.patience_validation:
-            return f"validation loss has not improved by {self.delta:g} for {val_since} rounds (best {self._best['val']:.4g})"
+            best = self._best["val"]
+            return f"validation loss has not improved by {self.delta:g} for {val_since} rounds (best {best:.4g})"
         if train_since >= self.patience_train:
-            return f"training loss has not improved by {self.delta:g} for {train_since} rounds (best {self._best['train']:.4g})"
+            best = self._best["train"]
+            return f"training loss has not improved by {self.delta:g} for {train_since} rounds (best {best:.4g})"
         return None
 
 
@@ -273,7 +275,8 @@ class PoorWeightInitialization(Rule):
             return None
         p5, p95 = torch.quantile(values, torch.tensor([0.05, 0.95])).tolist()
         if p95 - p5 < self.distribution_range:
-            return f"gradient values are concentrated: 5th-95th percentile spread {p95 - p5:.3g} < {self.distribution_range:g}"
+            spread = p95 - p5
+            return f"gradients are concentrated: 5th-95th percentile spread {spread:.3g} < {self.distribution_range:g}"
         return None
 
     def on_train_loss(self, step: int, loss: float) -> str | None:
@@ -284,7 +287,8 @@ class PoorWeightInitialization(Rule):
             return None
         self._since += 1
         if self._since >= self.patience:
-            return f"the loss did not improve for {self._since} of the first {self.steps} steps (best {self._best_loss:.4g})"
+            best = self._best_loss
+            return f"the loss did not improve for {self._since} steps of the first {self.steps} (best {best:.4g})"
         return None
 
 

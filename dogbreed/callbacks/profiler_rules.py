@@ -143,7 +143,8 @@ class LowGPUUtilization(ProfilerRule):
 
 
 class CPUBottleneck(ProfilerRule):
-    """More than ``threshold`` % of the time the GPU is below ``gpu_threshold`` % while the CPU is above ``cpu_threshold`` %."""
+    """More than ``threshold`` % of the time the GPU is below ``gpu_threshold`` % while the CPU is above
+    ``cpu_threshold`` %."""
 
     name = "CPUBottleneck"
     needs_gpu = True
@@ -285,7 +286,10 @@ class StepOutlier(ProfilerRule):
         mean, std = float(np.mean(durations)), float(np.std(durations))
         limit = mean + self.stddev * std
         outliers = np.flatnonzero(durations > limit)
-        message = f"{len(outliers)} step(s) longer than {limit * 1000:.0f} ms (mean {mean * 1000:.0f} ms, std {std * 1000:.0f} ms)"
+        message = (
+            f"{len(outliers)} step(s) longer than {limit * 1000:.0f} ms "
+            f"(mean {mean * 1000:.0f} ms, std {std * 1000:.0f} ms)"
+        )
         if len(outliers) > self.n_outliers:
             return self.result(ISSUES, message, int(steps[outliers[0]]))
         return self.result(NO_ISSUES, message)

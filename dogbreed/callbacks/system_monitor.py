@@ -11,6 +11,7 @@ without a GPU, ``gpus`` is an empty list and nothing else changes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -50,10 +51,8 @@ class _Nvml:
 
     def close(self) -> None:
         if self.handles:
-            try:
+            with contextlib.suppress(Exception):
                 self.pynvml.nvmlShutdown()
-            except Exception:
-                pass
 
 
 def sample_system(nvml: _Nvml | None = None) -> dict[str, Any]:

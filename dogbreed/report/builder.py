@@ -32,9 +32,11 @@ HTML = "profiler-report.html"
 RULES = "rules.json"
 
 STYLE = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1150px;color:#222;padding:0 1em}
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1150px;color:#222;
+padding:0 1em}
 h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
-table{border-collapse:collapse;margin:.6em 0;font-size:.9em}td,th{border:1px solid #ddd;padding:.3em .6em;vertical-align:top}
+table{border-collapse:collapse;margin:.6em 0;font-size:.9em}
+td,th{border:1px solid #ddd;padding:.3em .6em;vertical-align:top}
 th{background:#f4f4f4;text-align:left}img{max-width:100%}.muted{color:#777}
 .IssuesFound{background:#fde2e1;font-weight:bold}.NoIssuesFound{background:#e3f6e5}.Error{background:#fff1c9;font-weight:bold}
 .NotApplicable{background:#eee;color:#666}.box{background:#f8f8f8;border-left:4px solid #888;padding:.6em 1em}
@@ -156,10 +158,15 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+def _read_rows(path: Path) -> list[list[str]]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.reader(f))
+
+
 def _confusion_section(run_dir: Path) -> str:
-    rows = (
-        list(csv.reader(open(run_dir / "confusion_matrix.csv"))) if (run_dir / "confusion_matrix.csv").is_file() else []
-    )
+    rows = _read_rows(run_dir / "confusion_matrix.csv")
     metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else {}
     if not rows and not metrics:
         return '<p class="muted">No test results in this run (metrics.json, confusion_matrix.csv).</p>'
@@ -192,8 +199,10 @@ def _top_ops(profile: ProfileData) -> str:
         return (
             '<p class="muted">No torch.profiler trace (set callbacks.profiler.trace_steps=[10,15] to record one).</p>'
         )
-    rows = [[o["name"], o["calls"], f"{o['self_cpu_ms']:.2f}", f"{o['cpu_total_ms']:.2f}", f"{o.get('self_device_ms', 0):.2f}"]
-            for o in profile.top_ops]  # fmt: skip
+    rows = [
+        [o["name"], o["calls"], *(f"{o.get(k, 0):.2f}" for k in ("self_cpu_ms", "cpu_total_ms", "self_device_ms"))]
+        for o in profile.top_ops
+    ]
     return _table(["operator", "calls", "self CPU ms", "CPU total ms", "self GPU ms"], rows) + (
         '<p class="muted">Full trace: profiler-output/trace.json (open in https://ui.perfetto.dev, offline too).</p>'
     )
@@ -218,16 +227,17 @@ def build_report(run_dir: str | Path) -> tuple[Path, Path]:
     rules_path.write_text(json.dumps([r.to_dict() for r in results], indent=2))
 
     summary_table, phases = _job_summary(profile)
+    metrics_csv = _read_csv(run_dir / "csv" / "metrics.csv")
     stddev = next((r.parameters.get("stddev", 3) for r in results if r.name == "StepOutlier"), 3)
     sections = [
         f"<h1>Training report</h1><p class='muted'>{html.escape(str(run_dir.resolve()))}<br>generated "
         f"{time.strftime('%Y-%m-%d %H:%M:%S')}</p>",
         "<h2>Rules</h2>" + _rules_section(results),
         "<h2>Job summary</h2>" + summary_table + _img(plots.summary_bar(phases), "job timeline"),
-        "<h2>Training and validation</h2>" + _img(plots.loss_curves(trial, _read_csv(run_dir / "csv" / "metrics.csv")), "loss and accuracy curves"),
+        "<h2>Training and validation</h2>" + _img(plots.loss_curves(trial, metrics_csv), "loss and accuracy curves"),
         "<h2>Gradient norms per layer</h2>" + _img(plots.gradient_norms(trial), "per-layer gradient norms"),
         "<h2>Step durations</h2>" + _phase_table(profile) + _img(plots.step_plots(profile, stddev), "step durations"),
-        "<h2>System usage</h2>" + _system_table(profile) + _img(plots.system_timeline(profile), "system usage timeline"),
+        "<h2>System usage</h2>" + _system_table(profile) + _img(plots.system_timeline(profile), "system timeline"),
         "<h2>Top operators</h2>" + _top_ops(profile),
         "<h2>Test results</h2>" + _confusion_section(run_dir),
     ]  # fmt: skip

@@ -67,7 +67,7 @@ def step_plots(data: ProfileData, stddev: float = 3.0) -> str | None:
     ax1.plot(steps, wait, lw=0.8, label="waiting for data")
     out = np.flatnonzero(dur > limit)
     out = out[out > 0]
-    ax1.scatter(steps[out], dur[out], color="red", zorder=3, s=14, label=f"outlier (> mean + {stddev:g}σ)")
+    ax1.scatter(steps[out], dur[out], color="red", zorder=3, s=14, label=f"outlier (> mean + {stddev:g} std)")
     ax1.axhline(limit, color="red", lw=0.6, ls="--")
     ax1.set_xlabel("training step")
     ax1.set_ylabel("ms")
