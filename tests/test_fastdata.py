@@ -316,8 +316,9 @@ def test_compile_keeps_the_state_dict_keys():
 
 @pytest.mark.slow
 def test_demo_trains_to_the_same_accuracy_band_with_the_fast_options(demo_cfg):
+    torch.set_num_threads(1)  # one thread is faster than two fighting other processes on a small CI machine
     with open_dict(demo_cfg):
-        demo_cfg.trainer.max_epochs = 3
+        demo_cfg.trainer.max_epochs = 1  # one full epoch reaches about 0.65, clear of the band
         for key in ("limit_train_batches", "limit_val_batches", "limit_test_batches"):
             demo_cfg.trainer.pop(key)
         demo_cfg.data.update(decoder="torchvision", cache=True, device_augment=True)
