@@ -159,8 +159,9 @@ class Profiler(Callback):
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
             self._torch_profiler = torch.profiler.profile(activities=activities)
             self._torch_profiler.__enter__()
-        self._record = {"step": self.step, "start": time.time(), "t0": now,
-                        "dataloader": now - self._last_end if self._last_end is not None else None}  # fmt: skip
+        wait = now - self._last_end if self._last_end is not None else None
+        # starting the trace is not part of the step: time the step from here
+        self._record = {"step": self.step, "start": time.time(), "t0": time.perf_counter(), "dataloader": wait}
         self._clock = _StepClock(pl_module.device.type == "cuda")
         self._clock.mark("start")
 
