@@ -105,13 +105,13 @@ class Trial:
     rule_results: list[dict[str, Any]] = field(default_factory=list)
 
     def tensor_names(self, collection: str | None = None, mode: str | None = None) -> list[str]:
-        """Saved tensor names, optionally of one collection (``gradients``) and mode (``train``/``eval``)."""
-        names = {
+        """Saved tensor names in network order, optionally of one collection (``gradients``) and mode."""
+        names = dict.fromkeys(
             r["name"]
             for r in self.records
             if (mode is None or r["mode"] == mode) and (collection is None or r["name"].startswith(f"{collection}/"))
-        }
-        return sorted(names)
+        )
+        return list(names)
 
     def steps(self, mode: str = "train") -> list[int]:
         """Steps at which tensors were saved in ``mode``."""

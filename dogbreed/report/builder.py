@@ -227,7 +227,9 @@ def build_report(run_dir: str | Path) -> tuple[Path, Path]:
     rules_path.write_text(json.dumps([r.to_dict() for r in results], indent=2))
 
     summary_table, phases = _job_summary(profile)
-    metrics_csv = _read_csv(run_dir / "csv" / "metrics.csv")
+    # the CSV logger writes csv/metrics.csv, or csv/version_N/metrics.csv: take the newest
+    logged = sorted(run_dir.glob("csv/**/metrics.csv"), key=lambda p: p.stat().st_mtime)
+    metrics_csv = _read_csv(logged[-1]) if logged else []
     stddev = next((r.parameters.get("stddev", 3) for r in results if r.name == "StepOutlier"), 3)
     sections = [
         f"<h1>Training report</h1><p class='muted'>{html.escape(str(run_dir.resolve()))}<br>generated "

@@ -181,12 +181,12 @@ def summary_bar(phases: dict[str, Any]) -> str | None:
     values = {k: v for k, v in phases.items() if v is not None and v >= 0}
     if not values:
         return None
-    fig, ax = plt.subplots(figsize=(10, 1.4))
+    fig, ax = plt.subplots(figsize=(10, 1.3))
     left = 0.0
     for i, (name, seconds) in enumerate(values.items()):
         ax.barh(0, seconds, left=left, color=f"C{i}", label=f"{name} {seconds:.1f} s")
         left += seconds
     ax.set_yticks([])
     ax.set_xlabel("seconds")
-    ax.legend(ncol=len(values), fontsize=8, loc="upper center", bbox_to_anchor=(0.5, 1.6), frameon=False)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     return to_base64(fig)
