@@ -250,3 +250,15 @@ def test_graceful_shutdown_finishes_in_flight_requests(package: Path, tmp_path: 
         assert asyncio.run(in_flight_then_sigterm()) == [200] * 8
     finally:
         stop_endpoint(endpoint)
+
+
+def test_serve_console_script_reads_the_sagemaker_model_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from dogbreed.serve.__main__ import main
+
+    monkeypatch.setenv("SM_MODEL_DIR", str(tmp_path))
+    with pytest.raises(SystemExit) as info:
+        main(["serve"], container=True)  # `docker run IMAGE serve`, as SageMaker starts a container
+    assert info.value.code == 2
+    assert f"cannot load {tmp_path}" in capsys.readouterr().err
