@@ -80,6 +80,7 @@ class Debugger(Callback):
         self.step = 0
         self.eval_step = 0
         self._saving = False
+        self._mode = "train"  # which pass the hooks see: train or eval
         self._handles: list[Any] = []
         self._stats: dict[str, torch.Tensor] = {}
         self._calls: dict[str, int] = {}
@@ -87,6 +88,7 @@ class Debugger(Callback):
         self._eval_losses: list[tuple[int, torch.Tensor]] = []
         self._train_sum, self._train_n = 0.0, 0
         self._logits: torch.Tensor | None = None
+        self._logits_handle: Any = None
         self._weights_before: dict[str, torch.Tensor] = {}
 
     # ---- helpers -------------------------------------------------------------------------------
@@ -136,8 +138,6 @@ class Debugger(Callback):
                 self._call("on_relu_output", self.step, call_name, output)
 
         return hook
-
-    _mode = "train"
 
     def _flush_losses(self) -> None:
         if self._loss_buffer:
@@ -315,9 +315,10 @@ class Debugger(Callback):
         self.eval_step += 1
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking:
+        if trainer.sanity_checking or self._logits_handle is None:
             return
         self._logits_handle.remove()
+        self._logits_handle = None
         self._mode = "train"
         if not self._eval_losses:
             return
