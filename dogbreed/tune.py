@@ -128,13 +128,17 @@ def make_pruner(name: str, *, n_startup_trials: int, n_warmup_steps: int, max_ep
 def make_storage(url: str, *, heartbeat_interval: int | None, grace_period: int | None) -> optuna.storages.RDBStorage:
     """Optuna's RDB storage; a killed worker's trial is failed after the grace period and retried once."""
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    return optuna.storages.RDBStorage(
-        url,
-        engine_kwargs=engine_kwargs,
-        heartbeat_interval=heartbeat_interval or None,
-        grace_period=grace_period if heartbeat_interval else None,
-        failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1) if heartbeat_interval else None,
-    )
+    if not heartbeat_interval:
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(
+            url,
+            engine_kwargs=engine_kwargs,
+            heartbeat_interval=heartbeat_interval,
+            grace_period=grace_period,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
+        )
 
 
 def trial_config(cfg: DictConfig, values: Mapping[str, Any], trial_dir: Path) -> DictConfig:
@@ -146,6 +150,9 @@ def trial_config(cfg: DictConfig, values: Mapping[str, Any], trial_dir: Path) ->
         trial_cfg.paths.output_dir = str(trial_dir)
         trial_cfg.paths.model_dir = str(trial_dir / "model")
         trial_cfg.test = bool(cfg.tune.test_trials)
+        if cfg.tune.n_jobs != 1:  # progress bars of concurrent trials would fight over one terminal
+            trial_cfg.trainer.enable_progress_bar = False
+            trial_cfg.get("callbacks", {}).pop("progress_bar", None)
         trial_cfg.pop("tune", None)
         trial_cfg.pop("hparams_search", None)
     return trial_cfg

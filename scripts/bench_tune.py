@@ -30,9 +30,6 @@ def run_arm(args: argparse.Namespace, seed: int, sampler: str, pruner: str, out:
     overrides = [
         "experiment=demo",
         "logger=none",
-        "~callbacks.early_stopping",
-        "~callbacks.progress_bar",
-        "~callbacks.lr_monitor",
         "callbacks.model_checkpoint.save_last=false",
         f"seed={seed}",
         f"trainer.max_epochs={args.epochs}",
@@ -54,6 +51,9 @@ def run_arm(args: argparse.Namespace, seed: int, sampler: str, pruner: str, out:
         cfg = compose("tune", overrides=overrides)
     with open_dict(cfg):
         cfg.paths.model_dir = str(out / "model")
+        # only pruning may end a trial early (no early stopping), and no per-trial debugger/profiler cost
+        for name in [n for n in cfg.callbacks if n not in ("model_checkpoint", "log_metrics")]:
+            cfg.callbacks.pop(name)
     start = time.perf_counter()
     study = tune_mod.tune(cfg)
     done = tune_mod.finished_trials(study)
