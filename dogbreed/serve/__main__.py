@@ -42,6 +42,9 @@ def _parser(*, model_default: str | None, host_default: str, prog: str) -> argpa
     parser.add_argument(
         "--max-connections", type=int, default=128, help="concurrent connections before answering 503 (bounds memory)"
     )
+    parser.add_argument(
+        "--max-queued", type=int, default=config.max_queued_images, help="images waiting for the model before 503"
+    )
     parser.add_argument("--threads", type=int, help=f"torch / ONNX Runtime threads (default: {available_cpus()} CPUs)")
     parser.add_argument("--shutdown-timeout", type=float, default=30, help="seconds to finish requests on SIGTERM")
     parser.add_argument("--access-log", action="store_true", help="log every request")
@@ -68,6 +71,7 @@ def main(argv: list[str] | None = None, *, container: bool = False) -> None:
         max_batch_size=args.max_batch_size,
         max_delay_ms=args.max_delay_ms,
         max_body_bytes=int(args.max_body_mb * 2**20),
+        max_queued_images=args.max_queued,
         num_threads=args.threads,
         limits=Limits(limits.max_image_bytes, max_pixels=args.max_pixels, max_images=args.max_images),
     )
