@@ -165,7 +165,7 @@ def test_loss_not_decreasing_fires_when_nothing_learns(tmp_path: Path) -> None:
     results = run_rules(tmp_path, {"loss_not_decreasing": {}}, model=TinyClassifier(lr=0.0), train=one_batch, epochs=25)
     result = results["loss_not_decreasing"]
     assert result["status"] == ISSUES and result["step"] == 19  # the end of the second 10-step window
-    assert "+0.00%" in result["message"]
+    assert "0.00%, less than the required 0.1% decrease" in result["message"]
 
 
 @pytest.fixture(scope="module")

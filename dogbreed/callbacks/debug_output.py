@@ -45,7 +45,7 @@ def reduce_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """``[mean, std, abs_mean, l2, zeros]`` of a tensor, as one small tensor (one device sync per batch)."""
     t = tensor.detach().float()
     if t.numel() == 0:
-        return torch.full((5,), float("nan"))
+        return torch.full((5,), float("nan"), device=t.device)
     std = t.std() if t.numel() > 1 else torch.zeros((), device=t.device)
     return torch.stack([t.mean(), std, t.abs().mean(), torch.linalg.vector_norm(t), (t == 0).float().mean()])
 

@@ -80,6 +80,7 @@ class Debugger(Callback):
         self.step = 0
         self.eval_step = 0
         self._saving = False
+        self._full = False  # a save_interval step (everything) rather than a step a rule asked for (ReLU inputs)
         self._mode = "train"  # which pass the hooks see: train or eval
         self._handles: list[Any] = []
         self._stats: dict[str, torch.Tensor] = {}
@@ -100,13 +101,14 @@ class Debugger(Callback):
     def _rules_with(self, hook: str) -> list[Rule]:
         return [r for r in self.rules if hasattr(r, hook) and not r.done]
 
-    def _attach(self, pl_module: L.LightningModule) -> None:
+    def _attach(self, pl_module: L.LightningModule, full: bool = True) -> None:
         if not self.collect_activations:
             return
         self._calls = {}
         for name, module in pl_module.named_modules():
             if isinstance(module, ACTIVATION_TYPES) and name:
-                self._handles.append(module.register_forward_hook(self._output_hook(name)))
+                if full:
+                    self._handles.append(module.register_forward_hook(self._output_hook(name)))
                 if isinstance(module, nn.ReLU):
                     self._handles.append(module.register_forward_pre_hook(self._input_hook(name)))
 
@@ -209,11 +211,12 @@ class Debugger(Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._mode = "train"
-        self._saving = self.step % self.save_interval == 0 or any(
+        self._full = self.step % self.save_interval == 0
+        self._saving = self._full or any(
             r.wants_step(self.step) for r in self.rules if hasattr(r, "wants_step") and not r.done
         )
         if self._saving:
-            self._attach(pl_module)
+            self._attach(pl_module, full=self._full)
         images = batch[0] if isinstance(batch, list | tuple) else None
         if isinstance(images, torch.Tensor):
             for rule in self.rules:
@@ -225,13 +228,14 @@ class Debugger(Callback):
             return
         self._detach()  # the backward pass ran; activations of this step are in
         grads = {n: p.grad for n, p in pl_module.named_parameters() if p.grad is not None}
-        for name, grad in grads.items():
-            self._stats[f"gradients/{name}"] = reduce_tensor(grad)
+        if self._full:
+            for name, grad in grads.items():
+                self._stats[f"gradients/{name}"] = reduce_tensor(grad)
         if self._rules_with("on_gradients"):
             self._call("on_gradients", self.step, grads)
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
-        if self._saving and self._rules_with("on_update_ratios"):
+        if self._full and self._rules_with("on_update_ratios"):
             self._weights_before = {
                 n: p.detach().clone()
                 for n, p in pl_module.named_parameters()
@@ -246,7 +250,7 @@ class Debugger(Callback):
             self._loss_buffer.append((self.step, loss.detach()))
         if self._saving:
             self._detach()
-            params = dict(pl_module.named_parameters())
+            params = dict(pl_module.named_parameters()) if self._full else {}
             for name, param in params.items():
                 self._stats[f"weights/{name}"] = reduce_tensor(param)
             if self._weights_before:
@@ -287,7 +291,7 @@ class Debugger(Callback):
         if trainer.sanity_checking:
             return
         self._mode = "eval"
-        self._saving = self.eval_step % self.eval_save_interval == 0
+        self._saving = self._full = self.eval_step % self.eval_save_interval == 0
         if self._saving:
             self._attach(pl_module)
 
