@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import tarfile
 from collections.abc import Callable
 from datetime import datetime
@@ -14,6 +15,7 @@ import boto3
 import pytest
 import torch
 
+os.environ.setdefault("SAGEMAKER_SUPPRESS_V2_WARNING", "1")  # v2 is pinned on purpose
 pytest.importorskip("sagemaker", minversion="2.257")
 
 from dogbreed.sagemaker import launcher
@@ -78,7 +80,13 @@ def test_train_job_request(sm: Callable, image_folder: Callable[..., Path], tmp_
     assert metrics == {name: metric_regex(name) for name in cfg.sagemaker.metrics}
     assert "pytorch-training:2.6" in request["AlgorithmSpecification"]["TrainingImage"]
     assert request["ProfilerConfig"]["ProfilingIntervalInMilliseconds"] == 500
-    assert {r["RuleConfigurationName"].split("-")[0] for r in request["DebugRuleConfigurations"]} == RULES
+    rules = {r["RuleConfigurationName"].split("-")[0]: r["RuleParameters"] for r in request["DebugRuleConfigurations"]}
+    assert set(rules) == RULES
+    if "vanishing_gradient" in cfg.get("callbacks", {}).get("debugger", {}).get("rules", {}):
+        # the thresholds of the local debugger's config (conf/callbacks/debugger.yaml) reach SageMaker's rules
+        assert (
+            float(rules["VanishingGradient"]["threshold"]) == cfg.callbacks.debugger.rules.vanishing_gradient.threshold
+        )
     assert [r["RuleConfigurationName"].split("-")[0] for r in request["ProfilerRuleConfigurations"]] == [
         "ProfilerReport"
     ]

@@ -175,8 +175,21 @@ def weights_input(cfg: DictConfig, session: Any) -> str | None:
     return None
 
 
-def profiler_and_debugger(sm: DictConfig) -> dict[str, Any]:
-    """Estimator arguments for the profiler, the debugger hook and the rules chosen in config."""
+def local_rule_settings(cfg: DictConfig) -> dict[str, Any]:
+    """The local debugger's rule settings (``callbacks.debugger.rules``), so both run the same thresholds."""
+    rules = OmegaConf.select(cfg, "callbacks.debugger.rules")
+    return OmegaConf.to_container(rules, resolve=True) if rules is not None else {}
+
+
+def profiler_and_debugger(sm: DictConfig, rule_settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Estimator arguments for the profiler, the debugger hook and the rules chosen in config.
+
+    Args:
+        sm: ``cfg.sagemaker``.
+        rule_settings: Per-rule parameters (SageMaker's parameter names) from the local debugger's config;
+            a rule set to ``false`` there is left out here too.
+    """
+    rule_settings = rule_settings or {}
     from sagemaker.debugger import (
         CollectionConfig,
         DebuggerHookConfig,
@@ -209,7 +222,13 @@ def profiler_and_debugger(sm: DictConfig) -> dict[str, Any]:
                 for name in sm.debugger.collections
             ],
         )
-        rules += [Rule.sagemaker(rule_config(name)) for name in sm.debugger.rules]
+        for name in sm.debugger.rules:
+            settings = rule_settings.get(name, {})
+            if settings is False:
+                log.info("Debugger rule %s is off in callbacks.debugger.rules; not adding it to the job.", name)
+                continue
+            parameters = {k: str(v) for k, v in (settings or {}).items() if k != "stop_training_on_fire"}
+            rules.append(Rule.sagemaker(rule_config(name), rule_parameters=parameters or None))
     else:
         kwargs["debugger_hook_config"] = False
     if sm.profiler.enabled:
@@ -249,7 +268,7 @@ def make_estimator(
             "The SageMaker SDK turns the debugger hook off for PyTorch jobs that checkpoint (spot): the debugger "
             "rules will see no tensors; profiler rules are unaffected."
         )
-    kwargs: dict[str, Any] = {} if for_tuning else profiler_and_debugger(sm)
+    kwargs: dict[str, Any] = {} if for_tuning else profiler_and_debugger(sm, local_rule_settings(cfg))
     if for_tuning:
         kwargs.update(disable_profiler=True, debugger_hook_config=False)
     return PyTorch(
