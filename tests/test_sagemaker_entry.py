@@ -129,3 +129,16 @@ def test_entry_point_trains_in_a_simulated_sagemaker_container(tmp_path: Path) -
         assert found[-1] == printed[definition["Name"]]
     test_metrics = json.loads((opt_ml / "output" / "data" / "metrics.json").read_text())
     assert printed["test/acc"] == pytest.approx(test_metrics["test/acc"], rel=1e-5)
+
+
+def test_entry_point_failure_reason(tmp_path: Path) -> None:
+    """A job that cannot start leaves SageMaker's failure file naming the problem."""
+    (tmp_path / "input" / "config").mkdir(parents=True)
+    (tmp_path / "input" / "config" / "hyperparameters.json").write_text(json.dumps({"experiment": '"demo"'}))
+    env = {**os.environ, "SAGEMAKER_BASE_DIR": str(tmp_path), "SM_CHANNEL_TRAINING": str(tmp_path / "missing")}
+    proc = subprocess.run(
+        [sys.executable, "-c", "from dogbreed.sagemaker.entry import main; main()"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "data.source" in (tmp_path / "output" / "failure").read_text()

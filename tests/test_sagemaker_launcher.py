@@ -236,7 +236,7 @@ def test_analytics_table_and_plot(sm: Callable, tmp_path: Path) -> None:
             "TrainingJobName": f"dogbreed-tune-{i:03d}", "TrainingJobArn": f"arn:aws:sagemaker:x:{i}",
             "CreationTime": datetime(2026, 1, 1, i), "TrainingStartTime": datetime(2026, 1, 1, i),
             "TrainingEndTime": datetime(2026, 1, 1, i, 30), "TrainingJobStatus": "Completed",
-            "TunedHyperParameters": {"model.lr": str(lr), "model.weight_decay": "0.0001", "data.batch_size": "32"},
+            "TunedHyperParameters": {"model.lr": str(lr), "model.weight_decay": "0.0001", "data.batch_size": '"32"'},
             "FinalHyperParameterTuningJobObjectiveMetric": {"MetricName": "val/acc", "Value": acc},
             "ObjectiveStatus": "Succeeded",
         }

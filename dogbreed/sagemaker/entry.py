@@ -94,9 +94,16 @@ def main() -> None:
     )
     overrides = job_overrides()
     log.info("Overrides: %s", " ".join(overrides))
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
-        cfg = compose("train", overrides=overrides)
-    metrics = train(cfg)
+    try:
+        with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
+            cfg = compose("train", overrides=overrides)
+        metrics = train(cfg)
+    except Exception as err:
+        # SageMaker shows this file as the job's FailureReason
+        failure = base_dir() / "output" / "failure"
+        failure.parent.mkdir(parents=True, exist_ok=True)
+        failure.write_text(f"{type(err).__name__}: {err}"[:1000])
+        raise
     log.info("Finished: objective=%s", metrics.get("objective"))
 
 

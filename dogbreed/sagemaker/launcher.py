@@ -470,6 +470,7 @@ def analytics(cfg: DictConfig, session: Any | None = None) -> Path:
 def plot_tuning_jobs(frame: Any, params: list[str], path: Path) -> None:
     """Objective over job start time, and against each tuned hyperparameter (log axes where positive)."""
     import matplotlib
+    import pandas as pd
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -483,7 +484,8 @@ def plot_tuning_jobs(frame: Any, params: list[str], path: Path) -> None:
     axes[0].set(xlabel="job (by start time)", ylabel="objective", title="tuning history")
     axes[0].legend()
     for ax, name in zip(axes[1:], params, strict=True):
-        values = done[name].astype(float)
+        # categorical values come back JSON-encoded ('"32"'), as the framework estimator sent them
+        values = pd.to_numeric(done[name].astype(str).str.strip('"'), errors="coerce")
         ax.scatter(values, done["FinalObjectiveValue"], s=12)
         if (values > 0).all() and values.max() / max(values.min(), 1e-30) > 20:
             ax.set_xscale("log")
