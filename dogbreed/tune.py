@@ -16,7 +16,7 @@ import logging
 import shutil
 import sys
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -237,13 +237,14 @@ def tune(cfg: DictConfig, run: Callable[..., dict[str, Any]] = train) -> optuna.
 
 
 def user_overrides() -> list[str]:
-    """The command line's training overrides (not ``tune.*``/``hparams_search``), to repeat in the best config."""
+    """The command line's training overrides, to repeat in the best config (not tuning settings or paths)."""
     if not HydraConfig.initialized():
         return []
-    return [o for o in HydraConfig.get().overrides.task if not o.lstrip("+~").startswith(("tune", "hparams_search"))]
+    skip = ("tune", "hparams_search", "paths")
+    return [o for o in HydraConfig.get().overrides.task if o.lstrip("+~").split("=")[0].split(".")[0] not in skip]
 
 
-def write_results(study: optuna.Study, out_dir: Path, base_overrides: list[str] = ()) -> None:  # type: ignore[assignment]
+def write_results(study: optuna.Study, out_dir: Path, base_overrides: Sequence[str] = ()) -> None:
     """``trials.csv``; ``best_overrides.txt`` and ``tuned/best.yaml`` for the final run; ``plots/``."""
     write_trials_csv(study, out_dir / RESULTS)
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
