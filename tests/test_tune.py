@@ -31,6 +31,7 @@ def tune_cfg(tmp_path: Path) -> DictConfig:
     with open_dict(cfg):
         cfg.trainer.max_epochs = 2
         cfg.trainer.limit_val_batches = 0.5
+        cfg.trainer.log_every_n_steps = 1
         cfg.data.image_size = 32
         cfg.data.resize_size = 36
         cfg.tune.update(n_trials=2, n_startup_trials=1, n_warmup_steps=0, pruner="median", heartbeat_interval=None)
