@@ -48,7 +48,8 @@ class Rule:
     when the rule fires and ``None`` otherwise. After the first firing (or an error) the rule stays quiet.
 
     Args:
-        stop_training_on_fire: Ask the trainer to stop at the end of the step where the rule fired.
+        stop_training_on_fire: Ask the trainer to stop after the step where the rule fired (Lightning honours
+            it once ``trainer.min_epochs`` are done, as for early stopping).
     """
 
     name = "rule"
