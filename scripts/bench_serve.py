@@ -190,6 +190,7 @@ def main() -> None:
     r["ratio_http_p50_over_bare"] = r["http_c1_p50_ms"] / r["bare_eager_ms"]
     r["ratio_batched_over_unbatched"] = r["c16_batched_img_s"] / r["c16_unbatched_img_s"]
     r["ratio_eager_over_onnx"] = r["bare_eager_ms"] / r["bare_onnx_ms"]
+    r["ratio_http_onnx_p50_over_bare_onnx"] = r["http_c1_onnx_p50_ms"] / r["bare_onnx_ms"]
     batch_note = f"mean batch {r['c16_mean_batch']:.1f} (max {args.max_batch_size}, {args.max_delay_ms:g} ms)"
     rows = [
         ("bare eager forward, batch 1", f"p50 {r['bare_eager_ms']:7.1f} ms"),
@@ -205,6 +206,7 @@ def main() -> None:
         ("ratio HTTP p50 / bare forward", f"{r['ratio_http_p50_over_bare']:5.2f}x   (goal <= 1.2)"),
         ("ratio batched / unbatched throughput", f"{r['ratio_batched_over_unbatched']:5.2f}x   (goal >= 2)"),
         ("ratio eager / ONNX Runtime latency", f"{r['ratio_eager_over_onnx']:5.2f}x   (goal >= 1.5)"),
+        ("ratio HTTP p50 / bare, ONNX Runtime", f"{r['ratio_http_onnx_p50_over_bare_onnx']:5.2f}x"),
     ]
     for name, value in rows:
         print(f"{name:<38} {value}")
