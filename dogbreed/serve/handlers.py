@@ -12,7 +12,8 @@ or a bare list for a batch; optional ``"top_k"``) and ``application/x-npy`` (uin
 Answers: ``application/json`` ``{"predictions": [{"label", "index", "probability"}, ...]}`` with the
 top-k classes, or one such list per image for a batch; ``;top_k=N`` on the Accept header sets k.
 Every refused request raises :class:`InferenceError`: a 4xx status with a JSON body saying what was
-wrong and what is accepted.
+wrong and what is accepted. On SageMaker it subclasses the toolkit's ``BaseInferenceToolkitError``, so
+the status code reaches the client (the toolkit appends a traceback to the JSON line of the body).
 """
 
 from __future__ import annotations
