@@ -248,7 +248,7 @@ def test_device_augmentation_matches_cpu_augmentation_shapes_dtype_and_ranges(va
 def test_device_crop_of_the_whole_image_equals_the_cpu_resize():
     """Geometry check: a full-image crop through roi_align is the same bilinear resize (no half-pixel shift)."""
     p = Preprocessing(image_size=32, resize_size=32, crop_scale=(1.0, 1.0), hflip=False)
-    image = torch.from_numpy(np.asarray(smooth_image(48, 48))).permute(2, 0, 1).contiguous()
+    image = torch.from_numpy(np.array(smooth_image(48, 48))).permute(2, 0, 1).contiguous()
     x, _ = BatchAugment(p).apply(BatchAugment(p).collate([(image, 0)]))
     reference = p.eval_transform()(image)  # resize 48 -> 32 (antialiased), center crop of the whole
     assert (x[0] - reference).abs().max() < 0.1
