@@ -328,7 +328,8 @@ class Dataloader(ProfilerRule):
 
 
 class MaxInitializationTime(ProfilerRule):
-    """The first training step starts more than ``threshold`` minutes after the job started."""
+    """The first training step starts more than ``threshold`` minutes after the profiler was created (with the
+    trainer: data staging, image checks and loader start-up count; building the model before it does not)."""
 
     name = "MaxInitializationTime"
     recommendation = (
