@@ -65,8 +65,7 @@ def debug_demo_run(demo_cfg_global: DictConfig, tmp_path_factory: pytest.TempPat
     """One healthy demo run with the debugger, profiler and report, shared by their tests; returns the run dir.
 
     3 epochs x 16 steps of 28-px images. The demo's own ``data.mean/std`` (0.5) do not centre its images
-    (``check_input_images`` says so); here they are the data's statistics. The first validation comes after
-    16 steps from scratch, before BatchNorm's running statistics settle, so ``overfit`` starts after it.
+    (``check_input_images`` says so); here they are the data's statistics.
     """
     from dogbreed.train import train
 
@@ -75,7 +74,6 @@ def debug_demo_run(demo_cfg_global: DictConfig, tmp_path_factory: pytest.TempPat
         cfg.data.update(image_size=28, resize_size=32, mean=[0.34] * 3, std=[0.35] * 3)
         cfg.trainer.update(max_epochs=3, limit_train_batches=16)
         cfg.callbacks.debugger.save_interval = 16
-        cfg.callbacks.debugger.rules.overfit.start_step = 17
     train(cfg)
     return Path(cfg.paths.output_dir)
 

@@ -93,31 +93,38 @@ class ExplodingTensor(Rule):
 
 
 class LossNotDecreasing(Rule):
-    """Fires when the mean training loss of ``num_steps`` steps is not ``diff_percent`` % below the window before.
+    """Fires when the training loss stops decreasing by ``diff_percent`` %, or rises ``increase_threshold_percent`` %
+    above its best.
 
-    Comparing window means rather than single steps keeps batch-to-batch noise from firing the rule; a loss
-    more than ``increase_threshold_percent`` % above its best window is reported as rising.
+    The loss is compared as means of ``num_steps``-step windows, and "not decreasing" means no window beat the
+    best one by ``diff_percent`` % for ``patience`` windows in a row (our addition to SageMaker's parameters):
+    single mini-batch losses, or two consecutive windows, differ by more than 0.1 % from noise alone, so
+    SageMaker's step-to-step comparison fires on healthy runs.
     """
 
     name = "loss_not_decreasing"
     recommendation = (
         "The training loss stalled: if it is early in training, raise the learning rate or check that the "
         "labels match the images; if it is late, training has converged, so stop earlier (early stopping) or "
-        "decay the learning rate."
+        "decay the learning rate. A rising loss calls for a lower learning rate."
     )
 
     def __init__(
-        self, num_steps: int = 10, diff_percent: float = 0.1, increase_threshold_percent: float = 5, **kwargs: Any
-    ) -> None:
-        if num_steps < 1:
-            raise ValueError(f"loss_not_decreasing.num_steps must be >= 1, got {num_steps}.")
+        self, num_steps: int = 10, diff_percent: float = 0.1, increase_threshold_percent: float = 5,
+        patience: int = 5, **kwargs: Any,
+    ) -> None:  # fmt: skip
+        if num_steps < 1 or patience < 1:
+            raise ValueError(
+                f"loss_not_decreasing.num_steps and patience must be >= 1, got {num_steps} and {patience}."
+            )
         self.num_steps = num_steps
         self.diff_percent = diff_percent
         self.increase_threshold_percent = increase_threshold_percent
+        self.patience = patience
         super().__init__(**kwargs)
         self._window: list[float] = []
-        self._previous: float | None = None
         self._best: float | None = None
+        self._since = 0
 
     def on_train_loss(self, step: int, loss: float) -> str | None:
         if not math.isfinite(loss):
@@ -127,25 +134,30 @@ class LossNotDecreasing(Rule):
             return None
         current = sum(self._window) / len(self._window)
         self._window.clear()
-        previous, best = self._previous, self._best
-        self._previous = current
-        self._best = current if best is None else min(best, current)
-        if previous is None:
+        best = self._best
+        if best is None or current < best * (1 - self.diff_percent / 100):
+            self._best, self._since = current, 0
             return None
-        if best is not None and current > best * (1 + self.increase_threshold_percent / 100):
-            return f"mean loss of the last {self.num_steps} steps ({current:.4g}) is more than " \
-                f"{self.increase_threshold_percent:g}% above its best ({best:.4g})"  # fmt: skip
-        decrease = (previous - current) / abs(previous) * 100 if previous else 0.0
-        if decrease < self.diff_percent:
+        self._since += 1
+        if current > best * (1 + self.increase_threshold_percent / 100):
             return (
-                f"mean loss of the last {self.num_steps} steps went from {previous:.4g} to {current:.4g} "
-                f"({decrease:+.2f}%, less than the required {self.diff_percent:g}% decrease)"
+                f"mean loss of the last {self.num_steps} steps ({current:.4g}) is more than "
+                f"{self.increase_threshold_percent:g}% above its best ({best:.4g})"
+            )
+        if self._since >= self.patience:
+            return (
+                f"for {self._since * self.num_steps} steps no {self.num_steps}-step mean loss beat the best "
+                f"({best:.4g}) by {self.diff_percent:g}% (now {current:.4g})"
             )
         return None
 
 
 class Overfit(Rule):
-    """Fires when ``(val_loss - train_loss) / train_loss > ratio_threshold`` for ``patience`` validation rounds."""
+    """Fires when ``(val_loss - train_loss) / train_loss > ratio_threshold`` for more than ``patience`` validation
+    rounds in a row (SageMaker: the ratio "is allowed to exceed" the threshold for ``patience`` steps).
+
+    The losses are the validation mean and the training mean since the previous validation.
+    """
 
     name = "overfit"
     recommendation = (
@@ -166,7 +178,7 @@ class Overfit(Rule):
             return None
         ratio = (val_loss - train_loss) / train_loss
         self._count = self._count + 1 if ratio > self.ratio_threshold else 0
-        if self._count >= self.patience:
+        if self._count > self.patience:
             return (
                 f"validation loss {val_loss:.4g} vs training loss {train_loss:.4g}: ratio {ratio:.2f} > "
                 f"{self.ratio_threshold:g} for {self._count} validation round(s)"
