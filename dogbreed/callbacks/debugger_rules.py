@@ -96,10 +96,11 @@ class LossNotDecreasing(Rule):
     """Fires when the training loss stops decreasing by ``diff_percent`` %, or rises ``increase_threshold_percent`` %
     above its best.
 
-    The loss is compared as means of ``num_steps``-step windows, and "not decreasing" means no window beat the
-    best one by ``diff_percent`` % for ``patience`` windows in a row (our addition to SageMaker's parameters):
-    single mini-batch losses, or two consecutive windows, differ by more than 0.1 % from noise alone, so
-    SageMaker's step-to-step comparison fires on healthy runs.
+    The loss is compared as means of ``num_steps``-step windows, and the rule fires only after ``patience``
+    windows in a row failed to beat the best one by ``diff_percent`` % (``patience`` is our addition to
+    SageMaker's parameters): single mini-batch losses, or two consecutive windows, differ by more than 0.1 %
+    from noise alone, and early training has short bumps, so SageMaker's step-to-step comparison fires on
+    healthy runs.
     """
 
     name = "loss_not_decreasing"
@@ -139,17 +140,17 @@ class LossNotDecreasing(Rule):
             self._best, self._since = current, 0
             return None
         self._since += 1
+        if self._since < self.patience:
+            return None
         if current > best * (1 + self.increase_threshold_percent / 100):
             return (
-                f"mean loss of the last {self.num_steps} steps ({current:.4g}) is more than "
-                f"{self.increase_threshold_percent:g}% above its best ({best:.4g})"
+                f"the {self.num_steps}-step mean loss ({current:.4g}) is over {self.increase_threshold_percent:g}% "
+                f"above its best ({best:.4g}) and has not beaten it for {self._since * self.num_steps} steps"
             )
-        if self._since >= self.patience:
-            return (
-                f"for {self._since * self.num_steps} steps no {self.num_steps}-step mean loss beat the best "
-                f"({best:.4g}) by {self.diff_percent:g}% (now {current:.4g})"
-            )
-        return None
+        return (
+            f"for {self._since * self.num_steps} steps no {self.num_steps}-step mean loss beat the best "
+            f"({best:.4g}) by {self.diff_percent:g}% (now {current:.4g})"
+        )
 
 
 class Overfit(Rule):
