@@ -192,3 +192,26 @@ def test_every_profiler_rule_is_configurable(tmp_path: Path) -> None:
         assert set(cfg.callbacks.profiler.rules[name]) == set(rule.parameters()), name
     with pytest.raises(ValueError, match="unknown rule 'StepOutliers'"):
         Profiler(rules={"StepOutliers": {}})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_step_timings_and_gpu_samples(tmp_path: Path) -> None:
+    """On a GPU: CUDA-event timings, and GPU samples when nvidia-ml-py is installed."""
+    import lightning as L
+
+    from .test_debugger import TinyClassifier
+
+    profiler = Profiler(run_dir=tmp_path, monitor_interval=0.05)
+    trainer = L.Trainer(accelerator="gpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, callbacks=[profiler])  # fmt: skip
+    trainer.fit(TinyClassifier(), torch.utils.data.DataLoader(tensors(256), batch_size=16))
+    steps = [json.loads(line) for line in (tmp_path / "profiler-output" / "steps.jsonl").read_text().splitlines()]
+    assert len(steps) == 16 and all(s["forward"] > 0 and s["backward"] > 0 for s in steps)
+    results = results_by_name(tmp_path)
+    try:
+        import pynvml  # noqa: F401
+    except ImportError:
+        assert results["LowGPUUtilization"]["status"] == NOT_APPLICABLE
+    else:
+        assert results["LowGPUUtilization"]["status"] in (ISSUES, NO_ISSUES)
