@@ -250,6 +250,4 @@ def create_app(model: DogBreedModel, config: ServerConfig | None = None) -> Star
         Route("/invocations", invocations, methods=["POST"]),
         Route("/endpoints/{name}/invocations", invocations, methods=["POST"]),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan)
-    app.state.batcher = batcher
-    return app
+    return Starlette(routes=routes, lifespan=lifespan)
