@@ -43,18 +43,18 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
-def bare_forward_ms(model_dir: Path, runtime: str, threads: int, n: int) -> float:
-    """Median latency of the model's forward alone on one preprocessed photo."""
+def bare_forward_ms(model_dir: Path, runtime: str, threads: int, n: int, batch: int = 1) -> float:
+    """Median latency per image of the model's forward alone on ``batch`` copies of the preprocessed photo."""
     model = load_model(model_dir, runtime=runtime, num_threads=threads)
-    x = model.preprocess([load_rgb(PHOTO.read_bytes())])
-    for _ in range(5):
+    x = model.preprocess([load_rgb(PHOTO.read_bytes())] * batch)
+    for _ in range(2):
         model.forward(x)
     times = []
     for _ in range(n):
         start = time.perf_counter()
         model.forward(x)
         times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+    return 1e3 * statistics.median(times) / batch
 
 
 def free_port() -> int:
@@ -167,6 +167,7 @@ def main() -> None:
 
         results["bare_eager_ms"] = bare_forward_ms(unpacked, "eager", args.threads, 30)
         results["bare_onnx_ms"] = bare_forward_ms(unpacked, "onnx", args.threads, 30)
+        results["bare_eager_b16_ms_per_image"] = bare_forward_ms(unpacked, "eager", args.threads, 5, batch=16)
         common = ["--threads", str(args.threads), "--max-delay-ms", str(args.max_delay_ms)]
         batching = [*common, "--max-batch-size", str(args.max_batch_size)]
         with Server(package, *batching) as server:
@@ -195,6 +196,7 @@ def main() -> None:
     rows = [
         ("bare eager forward, batch 1", f"p50 {r['bare_eager_ms']:7.1f} ms"),
         ("bare ONNX Runtime forward, batch 1", f"p50 {r['bare_onnx_ms']:7.1f} ms"),
+        ("bare eager forward, batch 16", f"p50 {r['bare_eager_b16_ms_per_image']:7.1f} ms per image"),
         ("HTTP, concurrency 1", f"p50 {r['http_c1_p50_ms']:7.1f} ms   p99 {r['http_c1_p99_ms']:7.1f} ms"),
         ("HTTP, concurrency 1, ONNX Runtime", f"p50 {r['http_c1_onnx_p50_ms']:7.1f} ms"),
         (
