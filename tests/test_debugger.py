@@ -162,10 +162,11 @@ def test_exploding_tensor_fires_and_stops_training(tmp_path: Path) -> None:
 
 def test_loss_not_decreasing_fires_when_nothing_learns(tmp_path: Path) -> None:
     one_batch = tensors(16)
-    results = run_rules(tmp_path, {"loss_not_decreasing": {}}, model=TinyClassifier(lr=0.0), train=one_batch, epochs=60)
+    rules = {"loss_not_decreasing": {"num_steps": 5, "patience": 2}}  # blocks of 10 steps, not 100
+    results = run_rules(tmp_path, rules, model=TinyClassifier(lr=0.0), train=one_batch, epochs=25)
     result = results["loss_not_decreasing"]
-    assert result["status"] == ISSUES and result["step"] == 59  # the first window, then 5 without improvement
-    assert result["message"].startswith("for 50 steps no 10-step mean loss beat the best")
+    assert result["status"] == ISSUES and result["step"] == 19  # the end of the second 10-step block
+    assert "0.00% below the 10 before" in result["message"]
 
 
 @pytest.fixture(scope="module")

@@ -93,14 +93,13 @@ class ExplodingTensor(Rule):
 
 
 class LossNotDecreasing(Rule):
-    """Fires when the training loss stops decreasing by ``diff_percent`` %, or rises ``increase_threshold_percent`` %
-    above its best.
+    """Fires when the mean training loss of the last ``patience`` x ``num_steps`` steps is not ``diff_percent`` %
+    below the mean of the same number of steps before them, or is ``increase_threshold_percent`` % above it.
 
-    The loss is compared as means of ``num_steps``-step windows, and the rule fires only after ``patience``
-    windows in a row failed to beat the best one by ``diff_percent`` % (``patience`` is our addition to
-    SageMaker's parameters): single mini-batch losses, or two consecutive windows, differ by more than 0.1 %
-    from noise alone, and early training has short bumps, so SageMaker's step-to-step comparison fires on
-    healthy runs.
+    Checked every ``num_steps`` steps. SageMaker compares single steps ``num_steps`` apart; mini-batch losses
+    vary by far more than 0.1 % from noise alone, so that fires on healthy runs. Comparing means of two
+    ``patience x num_steps`` blocks (``patience`` is our addition, default 10: blocks of 100 steps) keeps the
+    noise below the signal while the loss still falls.
     """
 
     name = "loss_not_decreasing"
@@ -112,7 +111,7 @@ class LossNotDecreasing(Rule):
 
     def __init__(
         self, num_steps: int = 10, diff_percent: float = 0.1, increase_threshold_percent: float = 5,
-        patience: int = 5, **kwargs: Any,
+        patience: int = 10, **kwargs: Any,
     ) -> None:  # fmt: skip
         if num_steps < 1 or patience < 1:
             raise ValueError(
@@ -124,8 +123,7 @@ class LossNotDecreasing(Rule):
         self.patience = patience
         super().__init__(**kwargs)
         self._window: list[float] = []
-        self._best: float | None = None
-        self._since = 0
+        self._means: list[float] = []
 
     def on_train_loss(self, step: int, loss: float) -> str | None:
         if not math.isfinite(loss):
@@ -133,24 +131,23 @@ class LossNotDecreasing(Rule):
         self._window.append(loss)
         if len(self._window) < self.num_steps:
             return None
-        current = sum(self._window) / len(self._window)
+        self._means.append(sum(self._window) / len(self._window))
         self._window.clear()
-        best = self._best
-        if best is None or current < best * (1 - self.diff_percent / 100):
-            self._best, self._since = current, 0
+        block = self.patience
+        if len(self._means) < 2 * block:
             return None
-        self._since += 1
-        if self._since < self.patience:
-            return None
-        if current > best * (1 + self.increase_threshold_percent / 100):
+        recent = sum(self._means[-block:]) / block
+        before = sum(self._means[-2 * block : -block]) / block
+        decrease = (before - recent) / abs(before) * 100 if before else 0.0
+        span = block * self.num_steps
+        if decrease < -self.increase_threshold_percent:
+            return f"the mean loss of the last {span} steps ({recent:.4g}) rose {-decrease:.1f}% over the {span} before"
+        if decrease < self.diff_percent:
             return (
-                f"the {self.num_steps}-step mean loss ({current:.4g}) is over {self.increase_threshold_percent:g}% "
-                f"above its best ({best:.4g}) and has not beaten it for {self._since * self.num_steps} steps"
+                f"the mean loss of the last {span} steps ({recent:.4g}) is {decrease:+.2f}% below the {span} before "
+                f"({before:.4g}): less than the required {self.diff_percent:g}% decrease"
             )
-        return (
-            f"for {self._since * self.num_steps} steps no {self.num_steps}-step mean loss beat the best "
-            f"({best:.4g}) by {self.diff_percent:g}% (now {current:.4g})"
-        )
+        return None
 
 
 class Overfit(Rule):
