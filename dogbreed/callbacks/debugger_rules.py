@@ -393,6 +393,11 @@ class ClassImbalance(Rule):
             return None
         label, (total, wrong) = worst
         if wrong / total > self.threshold_misprediction:
+            self.recommendation = (
+                "A class is mostly mispredicted: see which classes it is confused with (the report's confusion "
+                "matrix); if it is rare in training, oversample it or weight the loss; if it looks like another "
+                "class, it needs more (and more varied) images or a higher input resolution."
+            )
             return (
                 f"{self._label(label)} is mispredicted {wrong}/{total} times ({wrong / total:.0%} > "
                 f"{self.threshold_misprediction:.0%}) in the last validation"
