@@ -46,6 +46,7 @@ def make_small(cfg: DictConfig, tmp_path: Path) -> DictConfig:
         cfg.data.num_workers = 0
         cfg.data.cache = False  # a few batches gain nothing from decoding every image into the cache first
         cfg.callbacks.pop("progress_bar", None)
+        cfg.report = False  # plotting costs seconds per run; tests/test_report.py builds it on debug_demo_run
     return cfg
 
 
@@ -74,6 +75,7 @@ def debug_demo_run(demo_cfg_global: DictConfig, tmp_path_factory: pytest.TempPat
         cfg.data.update(image_size=28, resize_size=32, mean=[0.34] * 3, std=[0.35] * 3)
         cfg.trainer.update(max_epochs=3, limit_train_batches=16)
         cfg.callbacks.debugger.save_interval = 16
+        cfg.report = True
     train(cfg)
     return Path(cfg.paths.output_dir)
 
