@@ -138,7 +138,7 @@ def test_entry_point_failure_reason(tmp_path: Path) -> None:
     env = {**os.environ, "SAGEMAKER_BASE_DIR": str(tmp_path), "SM_CHANNEL_TRAINING": str(tmp_path / "missing")}
     proc = subprocess.run(
         [sys.executable, "-c", "from dogbreed.sagemaker.entry import main; main()"],
-        env=env, capture_output=True, text=True, timeout=120,
+        env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode != 0
     assert "data.source" in (tmp_path / "output" / "failure").read_text()
