@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
-import torch
 from lightning.pytorch.accelerators import CPUAccelerator
 from torch.utils.data import DataLoader, Dataset
 
@@ -17,25 +16,9 @@ from dogbreed.data.decode import DecodedImageDataset, auto_num_workers, check_de
 from dogbreed.data.device_aug import BatchAugment, UInt8Batch
 from dogbreed.data.layout import DataError, DatasetIndex, build_index
 from dogbreed.data.staging import default_cache_dir, stage, state_dir
-from dogbreed.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, load_rgb
+from dogbreed.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
 log = logging.getLogger(__name__)
-
-
-class ImageListDataset(Dataset):
-    """(relative path, label) pairs under ``root``, decoded to RGB and transformed."""
-
-    def __init__(self, root: Path, samples: Sequence[tuple[str, int]], transform: Callable) -> None:
-        self.root = root
-        self.samples = list(samples)
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        rel, label = self.samples[i]
-        return self.transform(load_rgb(self.root / rel)), label
 
 
 class DogBreedDataModule(L.LightningDataModule):
