@@ -412,7 +412,7 @@ def deploy(cfg: DictConfig, session: Any | None = None) -> str:
     """Deploy a training job's ``model.tar.gz`` behind an endpoint with the serving handlers; return its name."""
     from sagemaker.pytorch import PyTorchModel
 
-    from dogbreed.serve.package import _write_code
+    from dogbreed.serve.package import write_code
 
     sm = cfg.sagemaker
     session = session or make_session(sm)
@@ -424,7 +424,7 @@ def deploy(cfg: DictConfig, session: Any | None = None) -> str:
         model_data = job["ModelArtifacts"]["S3ModelArtifacts"]
     with tempfile.TemporaryDirectory(prefix="dogbreed-serve-") as tmp:
         # the training job's model.tar.gz holds model/ only; the SDK repacks it with this code/ folder
-        _write_code(Path(tmp), "eager")
+        write_code(Path(tmp), "eager")
         model = PyTorchModel(
             model_data=model_data,
             role=_required(sm, "role"),

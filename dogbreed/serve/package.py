@@ -114,7 +114,7 @@ def build_package(
         net.load_state_dict(md.state_dict)
         example = torch.rand(2, 3, md.preprocessing.image_size, md.preprocessing.image_size)
         recorded = {fmt: _export(fmt, net.eval(), example, root / EXPORT_FILES[fmt]) for fmt in exports}
-        _write_code(root / "code", runtime)
+        write_code(root / "code", runtime)
         files = sorted(p for p in root.rglob("*") if p.is_file())
         write_json(
             root / PACKAGE_MANIFEST,
@@ -189,7 +189,11 @@ def _export(fmt: str, net: torch.nn.Module, example: torch.Tensor, path: Path) -
     return {**info, "max_abs_diff": diff}
 
 
-def _write_code(code: Path, runtime: str) -> None:
+def write_code(code: Path, runtime: str) -> None:
+    """Write ``code/``: ``inference.py``, the dogbreed modules the handlers need, ``requirements.txt``.
+
+    Shared by :func:`package` and the SageMaker launcher's ``deploy``, so both ship the same handlers.
+    """
     source = Path(dogbreed.__file__).resolve().parent
     for module in SHIPPED_MODULES:
         target = code / "dogbreed" / module
