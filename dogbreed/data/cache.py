@@ -15,8 +15,6 @@ rebuilt; a truncated or corrupted file fails its size or checksum test when open
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -24,7 +22,7 @@ import os
 import shutil
 import time
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +31,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from dogbreed.data.decode import DecodedImageDataset
+from dogbreed.data.staging import file_lock
 from dogbreed.transforms import Preprocessing
 
 log = logging.getLogger(__name__)
@@ -262,17 +261,6 @@ def build_cache(
     return cache
 
 
-@contextlib.contextmanager
-def _locked(lock_path: Path) -> Iterator[None]:
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def load_or_build(
     folder: Path,
     root: Path,
@@ -289,7 +277,7 @@ def load_or_build(
     training then decodes the files every epoch.
     """
     key = cache_key(root, rel_paths, preprocessing, decoder)
-    with _locked(folder.with_suffix(".lock")):  # DDP ranks and parallel trials share one build
+    with file_lock(folder.with_suffix(".lock")):  # DDP ranks and parallel trials share one build
         cache = open_cache(folder, key)
         if cache is not None:
             log.info("Using the decoded-image cache %s (%.2f GB)", folder, cache.nbytes / 1e9)

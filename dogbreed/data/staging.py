@@ -75,7 +75,7 @@ def stage(source: str | Path, cache_dir: str | Path | None = None, *, endpoint_u
         return path
     target = state_dir(source, cache_dir)
     target.mkdir(parents=True, exist_ok=True)
-    with _locked(target.with_suffix(".lock")):
+    with file_lock(target.with_suffix(".lock")):
         if scheme == "s3":
             _stage_s3(source, target, endpoint_url)
         else:
@@ -95,7 +95,9 @@ def dataset_root(folder: Path) -> Path:
 
 
 @contextlib.contextmanager
-def _locked(lock_path: Path) -> Iterator[None]:
+def file_lock(lock_path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``lock_path`` (processes and machines sharing the file system wait)."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
