@@ -40,7 +40,10 @@ def demo_config(out_dir: Path, batch_size: int, steps: int) -> DictConfig:
         cfg.trainer.limit_val_batches = 0
         cfg.trainer.num_sanity_val_steps = 0
         cfg.trainer.enable_progress_bar = False
+        # no validation in the timed steps: nothing to monitor or stop on
         cfg.callbacks.pop("progress_bar")
+        cfg.callbacks.pop("early_stopping")
+        cfg.callbacks.model_checkpoint.monitor = None
     return cfg
 
 
