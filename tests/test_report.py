@@ -23,6 +23,7 @@ def test_training_wrote_the_report(debug_demo_run: Path) -> None:
     images = re.findall(r'<img[^>]*src="([^"]*)"', html)
     assert len(images) >= 6 and all(src.startswith("data:image/png;base64,") for src in images)
     assert not re.search(r'(src|href)="(https?:|/|\.\./)', html)  # opens offline: nothing to fetch
+    assert not re.search(r"&amp;(gt|lt|amp|quot|#x27);", html)  # text is escaped once, not twice
     for section in ("Rules", "Job summary", "Training and validation", "Gradient norms per layer",
                     "Step durations", "System usage", "Test results", "Worst classes"):  # fmt: skip
         assert f">{section}</h" in html, section

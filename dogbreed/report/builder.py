@@ -84,7 +84,7 @@ def _rules_section(results: list[RuleResult]) -> str:
     fired = [r for r in results if r.status in (ISSUES, ERROR)]
     rows = [
         [r.name, r.kind, f'<span class="{r.status}">{r.status}</span>', "" if r.step is None else r.step,
-         html.escape(r.message), html.escape(r.recommendation)]
+         r.message, r.recommendation]
         for r in sorted(results, key=lambda r: (r.status not in (ISSUES, ERROR), r.kind, r.name))
     ]  # fmt: skip
     if fired:
