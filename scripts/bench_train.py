@@ -113,7 +113,8 @@ def main() -> None:
                 results.append(measure(cfg, args.warmup, args.steps))
                 print(f"repeat {repeat} {name:>9}: {results[-1]:.2f} steps/s")
     p, lt = statistics.median(plain), statistics.median(lightning)
-    print(f"\nResNet-18, demo data, batch {args.batch_size}, {args.threads} threads, {args.steps} steps x {args.repeats}")
+    setup = f"batch {args.batch_size}, {args.threads} threads, {args.steps} steps x {args.repeats}"
+    print(f"\nResNet-18, demo data, {setup}")
     print(f"plain PyTorch loop : {p:.2f} steps/s (median)")
     print(f"dogbreed Lightning : {lt:.2f} steps/s (median)")
     print(f"ratio plain/Lightning: {p / lt:.3f} (goal <= 1.05)")
