@@ -38,7 +38,7 @@ BEST_OVERRIDES = "best_overrides.txt"
 BEST_CONFIG = Path("tuned") / "best.yaml"
 RESULTS = "trials.csv"
 SAMPLERS = ("tpe", "random")
-PRUNERS = ("median", "hyperband", "none")
+PRUNERS = ("median", "asha", "hyperband", "none")
 
 
 class TuneConfigError(ValueError):
@@ -84,7 +84,8 @@ def suggest(trial: optuna.Trial, params: Mapping[str, Mapping[str, Any]]) -> dic
 class OptunaPruning(Callback):
     """Report the monitored metric to the trial after each validation epoch; stop the trial if pruned.
 
-    Also records how many epochs the trial ran (``epochs`` user attribute), for the results table.
+    The step reported is the number of epochs done, the resource the pruners' ``min_resource`` and
+    ``n_warmup_steps`` count in. Also records it as the ``epochs`` user attribute, for the results table.
     """
 
     def __init__(self, trial: optuna.Trial, monitor: str) -> None:
@@ -99,11 +100,11 @@ class OptunaPruning(Callback):
             raise KeyError(
                 f"optimized_metric={self.monitor!r} was not logged; logged: {sorted(trainer.callback_metrics)}."
             )
-        epoch = trainer.current_epoch
-        self.trial.set_user_attr(EPOCHS_ATTR, epoch + 1)
-        self.trial.report(float(value), step=epoch)
+        epochs = trainer.current_epoch + 1
+        self.trial.set_user_attr(EPOCHS_ATTR, epochs)
+        self.trial.report(float(value), step=epochs)
         if self.trial.should_prune():
-            raise optuna.TrialPruned(f"pruned at epoch {epoch} with {self.monitor}={float(value):.4f}")
+            raise optuna.TrialPruned(f"pruned after {epochs} epoch(s) with {self.monitor}={float(value):.4f}")
 
 
 def make_sampler(name: str, *, seed: int | None, n_startup_trials: int) -> optuna.samplers.BaseSampler:
@@ -115,11 +116,24 @@ def make_sampler(name: str, *, seed: int | None, n_startup_trials: int) -> optun
     raise TuneConfigError(f"tune.sampler={name!r} is not supported; use one of {SAMPLERS}.")
 
 
-def make_pruner(name: str, *, n_startup_trials: int, n_warmup_steps: int, max_epochs: int) -> optuna.pruners.BasePruner:
+def make_pruner(
+    name: str, *, n_startup_trials: int, n_warmup_steps: int, max_epochs: int, reduction_factor: int = 3
+) -> optuna.pruners.BasePruner:
+    """The pruner named by ``tune.pruner``; resources are epochs, from 1 to ``trainer.max_epochs``.
+
+    ``asha`` (asynchronous successive halving) lets a trial past 1, η, η², ... epochs only while it is in
+    the best 1/η of the trials that reached that point, so most trials stop after one epoch;
+    ``hyperband`` runs several such brackets with different first stops; ``median`` stops a trial below
+    the median of earlier trials at the same epoch once ``n_startup_trials`` have finished.
+    """
     if name == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=n_startup_trials, n_warmup_steps=n_warmup_steps)
+    if name == "asha":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=reduction_factor)
     if name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max_epochs, reduction_factor=3)
+        return optuna.pruners.HyperbandPruner(
+            min_resource=1, max_resource=max_epochs, reduction_factor=reduction_factor
+        )
     if name == "none":
         return optuna.pruners.NopPruner()
     raise TuneConfigError(f"tune.pruner={name!r} is not supported; use one of {PRUNERS}.")
@@ -197,6 +211,7 @@ def open_study(cfg: DictConfig, out_dir: Path) -> optuna.Study:
             n_startup_trials=tune_cfg.n_startup_trials,
             n_warmup_steps=tune_cfg.n_warmup_steps,
             max_epochs=cfg.trainer.max_epochs,
+            reduction_factor=tune_cfg.reduction_factor,
         ),
         load_if_exists=True,
     )

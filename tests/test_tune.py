@@ -54,7 +54,7 @@ def test_search_space_is_shared_and_checked(tune_cfg: DictConfig) -> None:
     with pytest.raises(tune_mod.TuneConfigError, match="float, int or categorical"):
         tune_mod.search_space(bad)
     with pytest.raises(tune_mod.TuneConfigError, match=r"tune\.pruner"):
-        tune_mod.make_pruner("asha", n_startup_trials=1, n_warmup_steps=0, max_epochs=2)
+        tune_mod.make_pruner("sha", n_startup_trials=1, n_warmup_steps=0, max_epochs=2)
 
 
 def test_trial_config_applies_values(tune_cfg: DictConfig, tmp_path: Path) -> None:
