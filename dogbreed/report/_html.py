@@ -22,17 +22,22 @@ td,th{border:1px solid #ddd;padding:.3em .6em;vertical-align:top}
 th{background:#f4f4f4;text-align:left}img{max-width:100%}.muted{color:#777}
 .IssuesFound{background:#fde2e1;font-weight:bold}.NoIssuesFound{background:#e3f6e5}.Error{background:#fff1c9;font-weight:bold}
 .NotApplicable{background:#eee;color:#666}.box{background:#f8f8f8;border-left:4px solid #888;padding:.6em 1em}
+tr.best{background:#e3f6e5;font-weight:bold}tr.pruned{color:#888;font-style:italic}tr.failed{background:#fff1c9}
+pre{background:#f8f8f8;padding:.6em 1em;white-space:pre-wrap;word-break:break-all}
 """
 
 
-def table(headers: list[str], rows: list[list[Any]], raw: set[int] | None = None) -> str:
-    """An HTML table; cells are escaped unless their column is in ``raw`` (already HTML)."""
+def table(
+    headers: list[str], rows: list[list[Any]], raw: set[int] | None = None, row_classes: Sequence[str] = ()
+) -> str:
+    """An HTML table; cells are escaped unless their column is in ``raw``, rows may carry a CSS class."""
     raw = raw or set()
     head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{c if i in raw else html.escape(str(c))}</td>" for i, c in enumerate(row)) + "</tr>"
-        for row in rows
-    )
+    body = ""
+    for n, row in enumerate(rows):
+        css = row_classes[n] if n < len(row_classes) else ""
+        cells = "".join(f"<td>{c if i in raw else html.escape(str(c))}</td>" for i, c in enumerate(row))
+        body += f'<tr class="{css}">{cells}</tr>' if css else f"<tr>{cells}</tr>"
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
