@@ -6,12 +6,14 @@ objective after every validation epoch so that the pruner can stop bad trials ea
 Optuna's RDB storage (SQLite in the run dir by default): re-running the command resumes it, and several
 processes or machines can share one storage URL to run trials in parallel.
 
-Run dir: ``study.db``, ``trials.csv``, ``best_overrides.txt``, ``tuned/best.yaml``, ``plots/*.png``.
+Run dir: ``study.db``, ``study.json``, ``trials.csv``, ``best_overrides.txt``, ``tuned/best.yaml``, ``plots/*.png``
+and ``report/tuning-report.html``.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import shutil
 import sys
@@ -29,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dogbreed.data import DataError
 from dogbreed.models import WeightsError
+from dogbreed.report.tuning import STUDY_JSON, report_tuning
 from dogbreed.train import train
 
 log = logging.getLogger(__name__)
@@ -247,7 +250,7 @@ def tune(cfg: DictConfig, run: Callable[..., dict[str, Any]] = train) -> optuna.
             callbacks=[optuna.study.MaxTrialsCallback(cfg.tune.n_trials, states=states)],
             gc_after_trial=True,
         )
-    write_results(study, out_dir, base_overrides=user_overrides())
+    write_results(study, out_dir, base_overrides=user_overrides(), metric=cfg.optimized_metric)
     return study
 
 
@@ -259,13 +262,43 @@ def user_overrides() -> list[str]:
     return [o for o in HydraConfig.get().overrides.task if o.lstrip("+~").split("=")[0].split(".")[0] not in skip]
 
 
-def write_results(study: optuna.Study, out_dir: Path, base_overrides: Sequence[str] = ()) -> None:
-    """``trials.csv``; ``best_overrides.txt`` and ``tuned/best.yaml`` for the final run; ``plots/``."""
+def write_results(
+    study: optuna.Study, out_dir: Path, base_overrides: Sequence[str] = (), metric: str | None = None
+) -> None:
+    """``trials.csv`` and ``study.json``; once a trial completed, the best configuration and ``plots/``; the report.
+
+    Args:
+        study: The study, after its trials.
+        out_dir: The tuning run dir.
+        base_overrides: The command line's training overrides, repeated in the final-run command.
+        metric: The objective's name (``optimized_metric``), for the report.
+    """
     write_trials_csv(study, out_dir / RESULTS)
-    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    if not complete:
+    write_study_json(study, out_dir / STUDY_JSON, metric=metric)
+    if study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        write_best(study, out_dir, base_overrides)
+        write_plots(study, out_dir / "plots")
+    else:
         log.warning("No trial completed yet; no best configuration to write.")
-        return
+    report_tuning(out_dir)
+
+
+def write_study_json(study: optuna.Study, path: Path, *, metric: str | None) -> None:
+    """What the report needs to know of the study beyond trials.csv: report/ reads files, never the study."""
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    best = study.best_trial if complete else None
+    summary = {
+        "study_name": study.study_name,
+        "direction": study.direction.name.lower(),
+        "metric": metric,
+        "best_trial": best.number if best else None,
+        "best_value": best.value if best else None,
+    }
+    path.write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def write_best(study: optuna.Study, out_dir: Path, base_overrides: Sequence[str]) -> None:
+    """``best_overrides.txt`` and ``tuned/best.yaml``: the best trial's values, ready for the final run."""
     best = study.best_trial
     params = {k: best.params[k] for k in sorted(best.params)}
     overrides = [o for o in base_overrides if o.split("=", 1)[0].lstrip("+~") not in params]
@@ -284,7 +317,6 @@ def write_results(study: optuna.Study, out_dir: Path, base_overrides: Sequence[s
         "Best trial %d: objective %.4f with %s\nFinal run: python -m dogbreed.train %s",
         best.number, best.value, params, " ".join(overrides),
     )  # fmt: skip
-    write_plots(study, out_dir / "plots")
 
 
 def write_trials_csv(study: optuna.Study, path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import shutil
@@ -14,6 +15,10 @@ import pytest
 from dogbreed.callbacks.debugger_rules import RULES
 from dogbreed.callbacks.profiler_rules import PROFILER_RULES
 from dogbreed.report import build_report
+from dogbreed.report.__main__ import main as report_main
+
+# a 1x1 PNG: a plot the tuning report embeds as it is
+TINY_PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
 
 
 @pytest.mark.slow  # reads the shared demo run (trained once per session)
@@ -60,3 +65,34 @@ def test_report_of_a_run_without_debug_output_says_how_to_get_one(tmp_path: Path
         build_report(tmp_path)
     done = subprocess.run([sys.executable, "-m", "dogbreed.report", str(tmp_path)], capture_output=True, text=True)
     assert done.returncode == 2 and "callbacks=default" in done.stderr
+
+
+def test_report_cli_builds_the_tuning_report_of_a_tune_dir(tmp_path: Path) -> None:
+    """A tune run dir (it has trials.csv), as python -m dogbreed.tune leaves it after one complete trial."""
+    (tmp_path / "trials.csv").write_text(
+        "trial,state,objective,epochs,duration_s,model.lr\n0,PRUNED,,1,3.5,1e-05\n1,COMPLETE,0.8125,2,7.5,0.0012345678\n"
+    )
+    study = {
+        "study_name": "breeds",
+        "direction": "maximize",
+        "metric": "val/acc",
+        "best_trial": 1,
+        "best_value": 0.8125,
+    }
+    (tmp_path / "study.json").write_text(json.dumps(study))
+    (tmp_path / "best_overrides.txt").write_text("experiment=demo\nmodel.lr=0.0012345678\n")
+    (tmp_path / "plots").mkdir()
+    (tmp_path / "plots" / "optimization_history.png").write_bytes(base64.b64decode(TINY_PNG))
+
+    assert report_main([str(tmp_path)]) == 0
+    html = (tmp_path / "report" / "tuning-report.html").read_text()
+    assert re.findall(r'<img[^>]*src="([^"]*)"', html) == [f"data:image/png;base64,{TINY_PNG}"]
+    assert "Not drawn (needs at least two complete trials)" in html and html.count("Not drawn") == 2
+    assert '<tr class="pruned"><td>0</td><td>PRUNED</td><td>-</td>' in html
+    assert (
+        '<tr class="best"><td>1 (best)</td><td>COMPLETE</td><td>0.8125</td><td>2</td><td>7.5 s</td><td>0.001235</td>'
+        in html
+    )
+    assert "<td>trials</td><td>2 (1 complete, 1 pruned, 0 failed)</td>" in html
+    assert "<pre>python -m dogbreed.train experiment=demo model.lr=0.0012345678</pre>" in html
+    assert not (tmp_path / "report" / "rules.json").exists()  # not taken for a training run

@@ -1,14 +1,18 @@
-"""Local tuning: search-space checks, pruning, resume after an interruption, and the best config trains."""
+"""Local tuning: search-space checks, pruning, resume after an interruption, the best config trains, the report."""
 
 from __future__ import annotations
 
+import base64
 import csv
+import re
 from pathlib import Path
 
 import optuna
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf, open_dict
+from optuna.distributions import CategoricalDistribution, FloatDistribution
+from optuna.trial import TrialState
 
 from dogbreed import tune as tune_mod
 from dogbreed.train import CONFIG_DIR, train
@@ -17,6 +21,26 @@ from .conftest import compose_config, make_small
 
 GOOD = {"model.lr": 1.0e-3, "model.weight_decay": 1.0e-4, "data.batch_size": 16}
 BAD = {"model.lr": 1.0e-5, "model.weight_decay": 1.0e-4, "data.batch_size": 16}
+PLOTS = ("optimization_history", "param_importances", "parallel_coordinate")
+
+
+def trial_rows(html: str) -> dict[int, str]:
+    """Trial number -> CSS class of its row in the report's trials table ('' for a plain row)."""
+    return {int(n): css for css, n in re.findall(r'<tr(?: class="(\w+)")?><td>(\d+)', html)}
+
+
+def finished_study(trials: list[tuple[TrialState, float | None, float, int]]) -> optuna.Study:
+    """An in-memory study holding the given (state, value, lr, epochs) trials: write_results' input, no training."""
+    study = optuna.create_study(study_name="breeds", direction="maximize")
+    space = {"model.lr": FloatDistribution(1e-5, 1e-2, log=True), "data.batch_size": CategoricalDistribution([16, 32])}
+    for state, value, lr, epochs in trials:
+        study.add_trial(
+            optuna.trial.create_trial(
+                state=state, value=value, params={"model.lr": lr, "data.batch_size": 32}, distributions=space,
+                user_attrs={tune_mod.EPOCHS_ATTR: epochs},
+            )
+        )  # fmt: skip
+    return study
 
 
 def compose_tune(overrides: list[str]) -> DictConfig:
@@ -97,14 +121,56 @@ def test_tune_prunes_resumes_and_best_config_trains(tune_cfg: DictConfig, tmp_pa
     assert [r["state"] for r in rows][:3] == ["COMPLETE", "PRUNED", "FAIL"]
     assert rows[0]["epochs"] == "2" and float(rows[0]["duration_s"]) > 0 and rows[0]["model.lr"] == "0.001"
     assert {"optimization_history.png", "parallel_coordinate.png"} <= {p.name for p in (out / "plots").iterdir()}
+    report = (out / "report" / "tuning-report.html").read_text()
+    assert report.count('src="data:image/png;base64,') == len(list((out / "plots").glob("*.png")))
+    rows = trial_rows(report)
+    assert list(rows) == [t.number for t in study.trials] and rows[study.best_trial.number] == "best"
+    assert (rows[1], rows[2]) == ("pruned", "failed")
 
     best = OmegaConf.load(out / "tuned" / "best.yaml")
     assert best.model.lr == study.best_params["model.lr"]
     overrides = (out / "best_overrides.txt").read_text().split()
     assert f"model.lr={study.best_params['model.lr']}" in overrides
+    assert f"<pre>python -m dogbreed.train {' '.join(overrides)}</pre>" in report
     final = make_small(compose_config(["experiment=demo", *overrides]), tmp_path / "final")
     with open_dict(final):
         final.data.image_size, final.data.resize_size = 32, 36
     assert final.model.lr == study.best_params["model.lr"]
     train(final)
     assert (tmp_path / "final" / "run" / "model" / "model.pt").is_file()
+
+
+def test_results_end_with_the_tuning_report(tmp_path: Path) -> None:
+    study = finished_study(
+        [(TrialState.COMPLETE, 0.5, 1e-3, 2), (TrialState.COMPLETE, 0.75, 2e-3, 2), (TrialState.PRUNED, None, 1e-5, 1),
+         (TrialState.FAIL, None, 1e-4, 0)]
+    )  # fmt: skip
+    tune_mod.write_results(study, tmp_path, base_overrides=["experiment=demo"], metric="val/acc")
+    html = (tmp_path / "report" / "tuning-report.html").read_text()
+
+    assert html.startswith("<!DOCTYPE html>") and html.rstrip().endswith("</html>")
+    plots = [tmp_path / "plots" / f"{name}.png" for name in PLOTS]
+    embedded = [f"data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}" for p in plots]
+    assert re.findall(r'<img[^>]*src="([^"]*)"', html) == embedded
+    assert not re.search(r'(src|href)="(https?:|/|\.\./)', html)  # opens offline: nothing to fetch
+    assert trial_rows(html) == {0: "", 1: "best", 2: "pruned", 3: "failed"}
+    assert '<tr class="best"><td>1 (best)</td><td>COMPLETE</td><td>0.7500</td>' in html
+    assert "<td>trials</td><td>4 (2 complete, 1 pruned, 1 failed)</td>" in html
+    assert "<td>epochs spent (all trials)</td><td>5</td>" in html and "objective (val/acc)" in html
+    assert (tmp_path / "best_overrides.txt").read_text().split() == [
+        "experiment=demo",
+        "data.batch_size=32",
+        "model.lr=0.002",
+    ]
+    assert "<pre>python -m dogbreed.train experiment=demo data.batch_size=32 model.lr=0.002</pre>" in html
+
+
+@pytest.mark.parametrize(
+    "trials", [[], [(TrialState.PRUNED, None, 1e-5, 1), (TrialState.FAIL, None, 1e-4, 0)]], ids=["none", "no-complete"]
+)
+def test_tuning_report_renders_before_a_trial_completed(tmp_path: Path, trials: list) -> None:
+    tune_mod.write_results(finished_study(trials), tmp_path, metric="val/acc")
+    html = (tmp_path / "report" / "tuning-report.html").read_text()
+    assert "No trial has completed yet" in html and "python -m dogbreed.train" not in html
+    assert "<img" not in html and html.count("Not drawn") == len(PLOTS)
+    assert list(trial_rows(html)) == list(range(len(trials)))

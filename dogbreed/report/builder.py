@@ -6,8 +6,6 @@ import csv
 import html
 import json
 import logging
-import math
-import time
 from pathlib import Path
 from typing import Any
 
@@ -24,23 +22,13 @@ from dogbreed.callbacks.profiler_rules import (
 )
 from dogbreed.callbacks.rules import ERROR, ISSUES, NOT_APPLICABLE, RuleResult
 from dogbreed.report import plots
+from dogbreed.report._html import img, page, read_csv, seconds, table
 
 log = logging.getLogger(__name__)
 
 REPORT_DIR = "report"
 HTML = "profiler-report.html"
 RULES = "rules.json"
-
-STYLE = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1150px;color:#222;
-padding:0 1em}
-h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
-table{border-collapse:collapse;margin:.6em 0;font-size:.9em}
-td,th{border:1px solid #ddd;padding:.3em .6em;vertical-align:top}
-th{background:#f4f4f4;text-align:left}img{max-width:100%}.muted{color:#777}
-.IssuesFound{background:#fde2e1;font-weight:bold}.NoIssuesFound{background:#e3f6e5}.Error{background:#fff1c9;font-weight:bold}
-.NotApplicable{background:#eee;color:#666}.box{background:#f8f8f8;border-left:4px solid #888;padding:.6em 1em}
-"""
 
 
 def collect_rules(run_dir: str | Path) -> list[RuleResult]:
@@ -56,28 +44,6 @@ def collect_rules(run_dir: str | Path) -> list[RuleResult]:
     elif (run_dir / PROFILER_DIR).is_dir():
         results += evaluate_profiler_rules(load_profile(run_dir), build_profiler_rules())
     return results
-
-
-def _table(headers: list[str], rows: list[list[Any]], raw: set[int] | None = None) -> str:
-    raw = raw or set()
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{c if i in raw else html.escape(str(c))}</td>" for i, c in enumerate(row)) + "</tr>"
-        for row in rows
-    )
-    return f"<table><tr>{head}</tr>{body}</table>"
-
-
-def _img(b64: str | None, alt: str) -> str:
-    if not b64:
-        return f'<p class="muted">No data for {html.escape(alt)}.</p>'
-    return f'<p><img alt="{html.escape(alt)}" src="data:image/png;base64,{b64}"></p>'
-
-
-def _seconds(value: float | None) -> str:
-    if value is None or not math.isfinite(value):
-        return "-"
-    return f"{value / 60:.1f} min" if value >= 120 else f"{value:.1f} s"
 
 
 def _rules_section(results: list[RuleResult]) -> str:
@@ -97,7 +63,7 @@ def _rules_section(results: list[RuleResult]) -> str:
         lead += "</ul></div>"
     else:
         lead = f"<div class='box'>All {len(results)} rules found no issues.</div>"
-    return lead + _table(["rule", "kind", "status", "step", "message", "recommendation"], rows, raw={2})
+    return lead + table(["rule", "kind", "status", "step", "message", "recommendation"], rows, raw={2})
 
 
 def _job_summary(profile: ProfileData) -> tuple[str, dict[str, float | None]]:
@@ -109,7 +75,7 @@ def _job_summary(profile: ProfileData) -> tuple[str, dict[str, float | None]]:
         "finalisation (test, export)": end - train_end if end and train_end else None,
     }
     durations = profile.step_values("duration")
-    rows = [[k, _seconds(v)] for k, v in phases.items()]
+    rows = [[k, seconds(v)] for k, v in phases.items()]
     rows += [
         ["training steps", len(profile.steps)],
         ["mean / median step", f"{np.nanmean(durations) * 1000:.0f} / {np.nanmedian(durations) * 1000:.0f} ms"]
@@ -118,7 +84,7 @@ def _job_summary(profile: ProfileData) -> tuple[str, dict[str, float | None]]:
         ["CPU cores / dataloader workers", f"{meta.get('cpu_count', '?')} / {meta.get('num_workers', '?')}"],
         ["batch size", meta.get("batch_size", "?")],
     ]  # fmt: skip
-    return _table(["", ""], rows), phases
+    return table(["", ""], rows), phases
 
 
 def _system_table(profile: ProfileData) -> str:
@@ -137,7 +103,7 @@ def _system_table(profile: ProfileData) -> str:
         util, mem = profile.gpu_series("util"), profile.gpu_series("mem_percent")
         for g in range(util.shape[1]):
             rows += [row(f"GPU{g} utilisation %", util[:, g]), row(f"GPU{g} memory %", mem[:, g])]
-    return _table(["metric", "p5", "p50", "p95", "max"], rows)
+    return table(["metric", "p5", "p50", "p95", "max"], rows)
 
 
 def _phase_table(profile: ProfileData) -> str:
@@ -148,14 +114,7 @@ def _phase_table(profile: ProfileData) -> str:
         if values.size:
             rows.append([key, f"{values.mean() * 1000:.1f}", f"{np.median(values) * 1000:.1f}",
                          f"{np.percentile(values, 95) * 1000:.1f}"])  # fmt: skip
-    return _table(["per step (first excluded)", "mean ms", "median ms", "p95 ms"], rows) if rows else ""
-
-
-def _read_csv(path: Path) -> list[dict[str, str]]:
-    if not path.is_file():
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+    return table(["per step (first excluded)", "mean ms", "median ms", "p95 ms"], rows) if rows else ""
 
 
 def _read_rows(path: Path) -> list[list[str]]:
@@ -173,11 +132,11 @@ def _confusion_section(run_dir: Path) -> str:
     out = ""
     headline = {k: v for k, v in metrics.items() if k.startswith("test/") and isinstance(v, int | float)}
     if headline:
-        out += _table(["test metric", "value"], [[k, f"{v:.4f}"] for k, v in sorted(headline.items())])
+        out += table(["test metric", "value"], [[k, f"{v:.4f}"] for k, v in sorted(headline.items())])
     per_class = metrics.get("test/per_class_acc") or {}
     if per_class:
         worst = sorted(per_class.items(), key=lambda kv: kv[1])[:10]
-        out += "<h3>Worst classes</h3>" + _table(["class", "test accuracy"], [[n, f"{a:.1%}"] for n, a in worst])
+        out += "<h3>Worst classes</h3>" + table(["class", "test accuracy"], [[n, f"{a:.1%}"] for n, a in worst])
     if rows:
         names = rows[0][1:]
         matrix = [[int(x) for x in r[1:]] for r in rows[1:]]
@@ -187,10 +146,10 @@ def _confusion_section(run_dir: Path) -> str:
         )[:10]
         pairs = [p for p in pairs if p[0] > 0]
         if pairs:
-            out += "<h3>Most frequent confusions</h3>" + _table(
+            out += "<h3>Most frequent confusions</h3>" + table(
                 ["true", "predicted as", "images"], [[t, p, n] for n, t, p in pairs]
             )
-        out += _img(plots.confusion_png(matrix, names), "confusion matrix")
+        out += img(plots.confusion_png(matrix, names), "confusion matrix")
     return out
 
 
@@ -203,7 +162,7 @@ def _top_ops(profile: ProfileData) -> str:
         [o["name"], o["calls"], *(f"{o.get(k, 0):.2f}" for k in ("self_cpu_ms", "cpu_total_ms", "self_device_ms"))]
         for o in profile.top_ops
     ]
-    return _table(["operator", "calls", "self CPU ms", "CPU total ms", "self GPU ms"], rows) + (
+    return table(["operator", "calls", "self CPU ms", "CPU total ms", "self GPU ms"], rows) + (
         '<p class="muted">Full trace: profiler-output/trace.json (open in https://ui.perfetto.dev, offline too).</p>'
     )
 
@@ -229,25 +188,20 @@ def build_report(run_dir: str | Path) -> tuple[Path, Path]:
     summary_table, phases = _job_summary(profile)
     # the CSV logger writes csv/metrics.csv, or csv/version_N/metrics.csv: take the newest
     logged = sorted(run_dir.glob("csv/**/metrics.csv"), key=lambda p: p.stat().st_mtime)
-    metrics_csv = _read_csv(logged[-1]) if logged else []
+    metrics_csv = read_csv(logged[-1]) if logged else []
     stddev = next((r.parameters.get("stddev", 3) for r in results if r.name == "StepOutlier"), 3)
     sections = [
-        f"<h1>Training report</h1><p class='muted'>{html.escape(str(run_dir.resolve()))}<br>generated "
-        f"{time.strftime('%Y-%m-%d %H:%M:%S')}</p>",
         "<h2>Rules</h2>" + _rules_section(results),
-        "<h2>Job summary</h2>" + summary_table + _img(plots.summary_bar(phases), "job timeline"),
-        "<h2>Training and validation</h2>" + _img(plots.loss_curves(trial, metrics_csv), "loss and accuracy curves"),
-        "<h2>Gradient norms per layer</h2>" + _img(plots.gradient_norms(trial), "per-layer gradient norms"),
-        "<h2>Step durations</h2>" + _phase_table(profile) + _img(plots.step_plots(profile, stddev), "step durations"),
-        "<h2>System usage</h2>" + _system_table(profile) + _img(plots.system_timeline(profile), "system timeline"),
+        "<h2>Job summary</h2>" + summary_table + img(plots.summary_bar(phases), "job timeline"),
+        "<h2>Training and validation</h2>" + img(plots.loss_curves(trial, metrics_csv), "loss and accuracy curves"),
+        "<h2>Gradient norms per layer</h2>" + img(plots.gradient_norms(trial), "per-layer gradient norms"),
+        "<h2>Step durations</h2>" + _phase_table(profile) + img(plots.step_plots(profile, stddev), "step durations"),
+        "<h2>System usage</h2>" + _system_table(profile) + img(plots.system_timeline(profile), "system timeline"),
         "<h2>Top operators</h2>" + _top_ops(profile),
         "<h2>Test results</h2>" + _confusion_section(run_dir),
     ]  # fmt: skip
     html_path = out_dir / HTML
-    html_path.write_text(
-        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>dogbreed report: {html.escape(run_dir.name)}"
-        f"</title><style>{STYLE}</style></head><body>{''.join(sections)}</body></html>"
-    )
+    html_path.write_text(page(f"dogbreed report: {run_dir.name}", "Training report", run_dir, sections))
     not_applicable = sum(r.status == NOT_APPLICABLE for r in results)
     issues = [r.name for r in results if r.status == ISSUES]
     log.info(
