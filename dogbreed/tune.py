@@ -31,15 +31,13 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dogbreed.data import DataError
 from dogbreed.models import WeightsError
-from dogbreed.report.tuning import STUDY_JSON, report_tuning
+from dogbreed.report.tuning import BEST_OVERRIDES, PLOT_DIR, STUDY_JSON, TRIALS_CSV, report_tuning
 from dogbreed.train import train
 
 log = logging.getLogger(__name__)
 
 EPOCHS_ATTR = "epochs"
-BEST_OVERRIDES = "best_overrides.txt"
 BEST_CONFIG = Path("tuned") / "best.yaml"
-RESULTS = "trials.csv"
 SAMPLERS = ("tpe", "random")
 PRUNERS = ("median", "asha", "hyperband", "none")
 
@@ -273,11 +271,11 @@ def write_results(
         base_overrides: The command line's training overrides, repeated in the final-run command.
         metric: The objective's name (``optimized_metric``), for the report.
     """
-    write_trials_csv(study, out_dir / RESULTS)
+    write_trials_csv(study, out_dir / TRIALS_CSV)
     write_study_json(study, out_dir / STUDY_JSON, metric=metric)
     if study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         write_best(study, out_dir, base_overrides)
-        write_plots(study, out_dir / "plots")
+        write_plots(study, out_dir / PLOT_DIR)
     else:
         log.warning("No trial completed yet; no best configuration to write.")
     report_tuning(out_dir)
@@ -320,7 +318,10 @@ def write_best(study: optuna.Study, out_dir: Path, base_overrides: Sequence[str]
 
 
 def write_trials_csv(study: optuna.Study, path: Path) -> None:
-    """One row per trial: trial, state, objective, epochs run, duration, then each parameter."""
+    """One row per trial: trial, state, objective, epochs run, duration, then each parameter.
+
+    A pruned trial's objective is the last value it reported: how far it got when it was stopped.
+    """
     trials = study.get_trials(deepcopy=False)
     names = sorted({k for t in trials for k in t.params})
     with open(path, "w", newline="") as f:
@@ -328,8 +329,11 @@ def write_trials_csv(study: optuna.Study, path: Path) -> None:
         writer.writerow(["trial", "state", "objective", "epochs", "duration_s", *names])
         for t in trials:
             duration = t.duration.total_seconds() if t.duration else None
+            value = t.value
+            if value is None and t.state == optuna.trial.TrialState.PRUNED and t.last_step is not None:
+                value = t.intermediate_values[t.last_step]
             writer.writerow(
-                [t.number, t.state.name, t.value, t.user_attrs.get(EPOCHS_ATTR, 0), duration]
+                [t.number, t.state.name, value, t.user_attrs.get(EPOCHS_ATTR, 0), duration]
                 + [t.params.get(k) for k in names]
             )
 

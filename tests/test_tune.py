@@ -120,6 +120,7 @@ def test_tune_prunes_resumes_and_best_config_trains(tune_cfg: DictConfig, tmp_pa
         rows = list(csv.DictReader(f))
     assert [r["state"] for r in rows][:3] == ["COMPLETE", "PRUNED", "FAIL"]
     assert rows[0]["epochs"] == "2" and float(rows[0]["duration_s"]) > 0 and rows[0]["model.lr"] == "0.001"
+    assert float(rows[1]["objective"]) == study.trials[1].intermediate_values[1]  # pruned after its first epoch
     assert {"optimization_history.png", "parallel_coordinate.png"} <= {p.name for p in (out / "plots").iterdir()}
     report = (out / "report" / "tuning-report.html").read_text()
     assert report.count('src="data:image/png;base64,') == len(list((out / "plots").glob("*.png")))
