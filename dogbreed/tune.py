@@ -320,7 +320,7 @@ def write_best(study: optuna.Study, out_dir: Path, base_overrides: Sequence[str]
 def write_trials_csv(study: optuna.Study, path: Path) -> None:
     """One row per trial: trial, state, objective, epochs run, duration, then each parameter.
 
-    A pruned trial's objective is the last value it reported: how far it got when it was stopped.
+    A pruned trial's objective is the last value it reported (Optuna stores it): how far it got.
     """
     trials = study.get_trials(deepcopy=False)
     names = sorted({k for t in trials for k in t.params})
@@ -329,11 +329,8 @@ def write_trials_csv(study: optuna.Study, path: Path) -> None:
         writer.writerow(["trial", "state", "objective", "epochs", "duration_s", *names])
         for t in trials:
             duration = t.duration.total_seconds() if t.duration else None
-            value = t.value
-            if value is None and t.state == optuna.trial.TrialState.PRUNED and t.last_step is not None:
-                value = t.intermediate_values[t.last_step]
             writer.writerow(
-                [t.number, t.state.name, value, t.user_attrs.get(EPOCHS_ATTR, 0), duration]
+                [t.number, t.state.name, t.value, t.user_attrs.get(EPOCHS_ATTR, 0), duration]
                 + [t.params.get(k) for k in names]
             )
 
