@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import tarfile
 from collections.abc import Callable
@@ -132,6 +133,26 @@ def test_spot_multi_instance_job_checkpoints_and_trains_ddp(sm: Callable) -> Non
     assert hyperparameters_to_overrides(hps) == [
         "data.source=s3://b/dogImages", "trainer.max_epochs=3", "trainer=ddp", "trainer.num_nodes=2"
     ]  # fmt: skip
+
+
+@pytest.mark.parametrize(("instance_count", "spot"), [(1, True), (2, True), (1, False)])
+def test_checkpointing_jobs_lose_the_debugger_hook_and_say_so(
+    sm: Callable, caplog: pytest.LogCaptureFixture, instance_count: int, spot: bool
+) -> None:
+    """SDK v2 drops the hook of every checkpointing PyTorch job, one instance too (it counts its ``{}``
+    distribution as distributed); the launcher's warning must match what reaches the API."""
+    job = ["data.source=s3://b/dogImages"]
+    cfg, session, sent = sm(*job, f"sagemaker.instance_count={instance_count}", f"sagemaker.spot={spot}")
+    with caplog.at_level(logging.WARNING, logger=launcher.__name__):
+        launcher.launch_train(cfg, job, session=session)
+    (request,) = sent["CreateTrainingJob"]
+    assert ("CheckpointConfig" in request) is spot
+    assert ("DebugHookConfig" in request) is not spot
+    warned = [r for r in caplog.records if r.name == launcher.__name__ and "debugger hook off" in r.getMessage()]
+    assert bool(warned) is spot
+    if spot:
+        assert "train without spot and always_checkpoint" in warned[0].getMessage()
+    assert "ProfilerConfig" in request  # profiler rules are unaffected either way
 
 
 def test_tune_job_request(sm: Callable) -> None:

@@ -265,9 +265,14 @@ def make_estimator(
         )
     checkpoints = sm.spot or sm.always_checkpoint
     if checkpoints and sm.debugger.enabled and not for_tuning:
+        # SDK v2 (Framework._validate_and_set_debugger_configs) drops the hook of a checkpointing job that it deems
+        # distributed: instance_count > 1 or a distribution that is not None. PyTorch stores distribution=None as
+        # {}, so that is every PyTorch job, one instance included (the tests pin this against the SDK).
         log.warning(
-            "The SageMaker SDK turns the debugger hook off for PyTorch jobs that checkpoint (spot): the debugger "
-            "rules will see no tensors; profiler rules are unaffected."
+            "The SageMaker SDK turns the debugger hook off for every PyTorch job that checkpoints (sagemaker.spot or "
+            "sagemaker.always_checkpoint), on one instance too: SageMaker's debugger rules will see no tensors. The "
+            "in-job rules (callbacks.debugger) still run and write debug-output/ into the job's output.tar.gz, and "
+            "profiler rules are unaffected; for SageMaker's debugger rules, train without spot and always_checkpoint."
         )
     kwargs: dict[str, Any] = {} if for_tuning else profiler_and_debugger(sm, local_rule_settings(cfg))
     if for_tuning:
