@@ -181,3 +181,70 @@ def test_weights_from_s3_are_fetched_once_into_the_cache(aws_env, tmp_path):
     assert torch.equal(model.layer4[1].conv2.weight, source.layer4[1].conv2.weight)
     s3.delete_object(Bucket="weights", Key="models/resnet18.pth")  # a second build needs no S3
     create_backbone("resnet18", 5, "s3://weights/models/resnet18.pth", cache_dir=tmp_path / "cache")
+
+
+class _ScheduledNet(nn.Module):
+    """Logits right for ``CORRECT[epoch]`` of the 4 validation images (all of them in the sanity check)."""
+
+    CORRECT = {"sanity": 4, 0: 2, 1: 3, 2: 1, 3: 4, 4: 2}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.zero = nn.Parameter(torch.zeros(()))  # something for the optimiser to step
+        self.epoch: int | str = "sanity"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        labels, index = x[:, 0, 0, 0].long(), x[:, 0, 0, 1].long()
+        predicted = torch.where(index < self.CORRECT[self.epoch], labels, (labels + 1) % 4)
+        return nn.functional.one_hot(predicted, 4).float() * 5 + self.zero
+
+
+class _RecordValidation(L.Callback):
+    def __init__(self) -> None:
+        self.seen: list[dict[str, float]] = []
+
+    def on_validation_epoch_start(self, trainer, pl_module):
+        pl_module.net.epoch = "sanity" if trainer.sanity_checking else trainer.current_epoch
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self.seen.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")})
+
+
+def _scheduled_fit(
+    tmp_path: Path, max_epochs: int, ckpt_path: Path | None = None, model: DogBreedClassifier | None = None
+) -> list[dict[str, float]]:
+    x = torch.zeros(4, 3, 8, 8)
+    x[:, 0, 0, 0], x[:, 0, 0, 1] = torch.tensor([0.0, 1, 2, 3]), torch.arange(4.0)
+    loader = DataLoader(TensorDataset(x, torch.arange(4)), batch_size=4)
+    if model is None:
+        model = DogBreedClassifier(num_classes=4, weights=None)
+        model.net = _ScheduledNet()
+    record = _RecordValidation()
+    trainer = L.Trainer(
+        max_epochs=max_epochs, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=1, default_root_dir=tmp_path, callbacks=[record],
+    )  # fmt: skip
+    trainer.fit(model, loader, loader, ckpt_path=ckpt_path)
+    return record.seen
+
+
+def test_best_so_far_metrics_are_running_extremes_without_the_sanity_check(tmp_path):
+    model = DogBreedClassifier(num_classes=4, weights=None)
+    model.net = _ScheduledNet()
+    seen = _scheduled_fit(tmp_path, max_epochs=5, model=model)
+    acc = [s["val/acc"] for s in seen]
+    assert acc == [0.5, 0.75, 0.25, 1.0, 0.5]  # the schedule took effect; the sanity check (1.0) is not an epoch
+    assert [s["val/acc_best"] for s in seen] == [0.5, 0.75, 0.75, 1.0, 1.0]
+    loss = [s["val/loss"] for s in seen]
+    assert [s["val/loss_best"] for s in seen] == pytest.approx([min(loss[: i + 1]) for i in range(5)])
+    assert loss[2] > loss[1]  # the loss got worse in an epoch, so the running minimum is tested
+    # fitting the same module again starts from no best value
+    assert [s["val/acc_best"] for s in _scheduled_fit(tmp_path / "again", max_epochs=1, model=model)] == [0.5]
+
+
+def test_a_resumed_fit_keeps_the_best_values_from_before(tmp_path):
+    _scheduled_fit(tmp_path, max_epochs=4)  # best val/acc 1.0 in epoch 3
+    (last,) = tmp_path.glob("**/epoch=3*.ckpt")
+    seen = _scheduled_fit(tmp_path / "resumed", max_epochs=5, ckpt_path=last)
+    assert [(s["val/acc"], s["val/acc_best"]) for s in seen] == [(0.5, 1.0)]

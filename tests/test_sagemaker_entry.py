@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from dogbreed.callbacks.metrics_log import format_metrics
+from dogbreed.models.classifier import BEST_MODES
 from dogbreed.sagemaker.entry import ENTRY_SCRIPT, container_overrides, job_overrides
 from dogbreed.sagemaker.hyperparameters import (
     hyperparameters_to_overrides,
@@ -72,12 +74,17 @@ def test_container_overrides_map_channels_dirs_and_checkpoints(tmp_path: Path) -
 def test_every_printed_metric_has_a_definition() -> None:
     """The names the model logs (see DogBreedClassifier) are the ones the launcher defines regexes for."""
     assert {"epoch", "train/loss", "val/acc", "val/loss", "test/acc"} <= set(SAGEMAKER_METRICS)
+    assert {f"{name}_best" for name in BEST_MODES} <= set(SAGEMAKER_METRICS)
     assert len({d["Regex"] for d in metric_definitions(SAGEMAKER_METRICS)}) == len(SAGEMAKER_METRICS)
+    # one line with a distinct value per metric: each regex takes its own (val/acc, not val/acc_best's or _top5's)
+    values = {name: i + 0.125 for i, name in enumerate(SAGEMAKER_METRICS)}
+    line = f"[2026-01-01][dogbreed.callbacks.metrics_log][INFO] {format_metrics(values)} best_val/acc=9.5"
+    assert {d["Name"]: float(re.search(d["Regex"], line).group(1)) for d in metric_definitions(values)} == values
 
 
 @pytest.mark.slow
 def test_entry_point_trains_in_a_simulated_sagemaker_container(tmp_path: Path) -> None:
-    """SageMaker's layout and env, the launcher's source dir, one demo epoch; then the metric regexes."""
+    """SageMaker's layout and env, the launcher's source dir, two demo epochs; then the metric regexes."""
     from dogbreed.sagemaker.launcher import source_dir
 
     opt_ml = tmp_path / "opt" / "ml"
@@ -88,7 +95,7 @@ def test_entry_point_trains_in_a_simulated_sagemaker_container(tmp_path: Path) -
     (opt_ml / "output" / "data").mkdir(parents=True)
     (opt_ml / "checkpoints").mkdir()
     overrides = [
-        "experiment=demo", "model.lr=0.002", "trainer.max_epochs=1", "+trainer.limit_train_batches=3",
+        "experiment=demo", "model.lr=0.002", "trainer.max_epochs=2", "+trainer.limit_train_batches=3",
         "+trainer.limit_val_batches=2", "+trainer.limit_test_batches=2", "+trainer.enable_progress_bar=false",
         "~callbacks.progress_bar", "data.image_size=32", "data.resize_size=36",
     ]  # fmt: skip
@@ -129,6 +136,11 @@ def test_entry_point_trains_in_a_simulated_sagemaker_container(tmp_path: Path) -
         assert found[-1] == printed[definition["Name"]]
     test_metrics = json.loads((opt_ml / "output" / "data" / "metrics.json").read_text())
     assert printed["test/acc"] == pytest.approx(test_metrics["test/acc"], rel=1e-5)
+    # the tuner's objective: the best val/acc of the epochs printed so far, on every epoch line
+    epochs = [dict(t.split("=") for t in line.split("] ", 1)[1].split()) for line in lines if "] epoch=" in line]
+    assert len(epochs) == 2
+    for i, epoch in enumerate(epochs):
+        assert float(epoch["val/acc_best"]) == max(float(e["val/acc"]) for e in epochs[: i + 1])
 
 
 def test_entry_point_failure_reason(tmp_path: Path) -> None:

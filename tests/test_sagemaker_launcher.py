@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import tarfile
 from collections.abc import Callable
@@ -134,6 +135,26 @@ def test_spot_multi_instance_job_checkpoints_and_trains_ddp(sm: Callable) -> Non
     ]  # fmt: skip
 
 
+@pytest.mark.parametrize(("instance_count", "spot"), [(1, True), (2, True), (1, False)])
+def test_checkpointing_jobs_lose_the_debugger_hook_and_say_so(
+    sm: Callable, caplog: pytest.LogCaptureFixture, instance_count: int, spot: bool
+) -> None:
+    """SDK v2 drops the hook of every checkpointing PyTorch job, one instance too (it counts its ``{}``
+    distribution as distributed); the launcher's warning must match what reaches the API."""
+    job = ["data.source=s3://b/dogImages"]
+    cfg, session, sent = sm(*job, f"sagemaker.instance_count={instance_count}", f"sagemaker.spot={spot}")
+    with caplog.at_level(logging.WARNING, logger=launcher.__name__):
+        launcher.launch_train(cfg, job, session=session)
+    (request,) = sent["CreateTrainingJob"]
+    assert ("CheckpointConfig" in request) is spot
+    assert ("DebugHookConfig" in request) is not spot
+    warned = [r for r in caplog.records if r.name == launcher.__name__ and "debugger hook off" in r.getMessage()]
+    assert bool(warned) is spot
+    if spot:
+        assert "train without spot and always_checkpoint" in warned[0].getMessage()
+    assert "ProfilerConfig" in request  # profiler rules are unaffected either way
+
+
 def test_tune_job_request(sm: Callable) -> None:
     data = "s3://dogbreed-test/datasets/dogImages"
     cfg, session, sent = sm(
@@ -146,7 +167,8 @@ def test_tune_job_request(sm: Callable) -> None:
     (request,) = sent["CreateHyperParameterTuningJob"]
     tuning = request["HyperParameterTuningJobConfig"]
     assert tuning["Strategy"] == "Bayesian"
-    assert tuning["HyperParameterTuningJobObjective"] == {"Type": "Maximize", "MetricName": "val/acc"}
+    # the best val/acc so far: SageMaker keeps a job's last value, and a job exports its best epoch
+    assert tuning["HyperParameterTuningJobObjective"] == {"Type": "Maximize", "MetricName": "val/acc_best"}
     assert tuning["ResourceLimits"] == {"MaxNumberOfTrainingJobs": 6, "MaxParallelTrainingJobs": 3}
     assert tuning["TrainingJobEarlyStoppingType"] == "Auto"
     ranges = tuning["ParameterRanges"]
@@ -173,8 +195,9 @@ def test_tune_job_request(sm: Callable) -> None:
     static = definition["StaticHyperParameters"]
     assert "model.lr" not in static  # tuned, not fixed
     assert [o for o in hyperparameters_to_overrides(static)] == ["experiment=demo", f"data.source={data}"]
-    names = {m["Name"] for m in definition["AlgorithmSpecification"]["MetricDefinitions"]}
-    assert "val/acc" in names
+    metrics = {m["Name"]: m["Regex"] for m in definition["AlgorithmSpecification"]["MetricDefinitions"]}
+    assert metrics["val/acc_best"] == metric_regex("val/acc_best")  # jobs report the objective
+    assert "val/acc" in metrics
     channels = {c["ChannelName"]: c["DataSource"]["S3DataSource"]["S3Uri"] for c in definition["InputDataConfig"]}
     assert channels == {"training": data}
 
@@ -191,6 +214,22 @@ def test_tuner_strategies(sm: Callable, tmp_path: Path) -> None:
     cfg.sagemaker.debugger.rules = ["no_such_rule"]
     with pytest.raises(launcher.LaunchError, match="no_such_rule"):
         launcher.profiler_and_debugger(cfg.sagemaker)
+
+
+def test_tuner_objective_follows_optimized_metric_and_errors_name_the_key(sm: Callable, tmp_path: Path) -> None:
+    cfg, session, _ = sm("experiment=demo", "optimized_metric=val/loss", "hparams_search.direction=minimize")
+    estimator = launcher.make_estimator(cfg, session, ["experiment=demo"], tmp_path, for_tuning=True)
+    tuner = launcher.make_tuner(cfg, estimator)
+    assert (tuner.objective_metric_name, tuner.objective_type) == ("val/loss_best", "Minimize")
+    cfg.hparams_search.direction = "maximize"  # the running minimum of val/loss, maximised
+    with pytest.raises(launcher.LaunchError, match=r"hparams_search\.direction='maximize'.*objective_metric=val/loss"):
+        launcher.make_tuner(cfg, estimator)
+    cfg.sagemaker.tuner.objective_metric = "val/f1_best"
+    with pytest.raises(launcher.LaunchError, match=r"objective_metric='val/f1_best' is not in sagemaker\.metrics"):
+        launcher.make_tuner(cfg, estimator)
+    del cfg.sagemaker.tuner.objective_metric  # a conf/sagemaker copy from before the key existed
+    with pytest.raises(launcher.LaunchError, match=r"objective_metric: \$\{optimized_metric\}_best"):
+        launcher.make_tuner(cfg, estimator)
 
 
 def test_missing_role_and_isolated_download_are_clear_errors(sm: Callable) -> None:
@@ -237,7 +276,7 @@ def test_analytics_table_and_plot(sm: Callable, tmp_path: Path) -> None:
             "CreationTime": datetime(2026, 1, 1, i), "TrainingStartTime": datetime(2026, 1, 1, i),
             "TrainingEndTime": datetime(2026, 1, 1, i, 30), "TrainingJobStatus": "Completed",
             "TunedHyperParameters": {"model.lr": str(lr), "model.weight_decay": "0.0001", "data.batch_size": '"32"'},
-            "FinalHyperParameterTuningJobObjectiveMetric": {"MetricName": "val/acc", "Value": acc},
+            "FinalHyperParameterTuningJobObjectiveMetric": {"MetricName": "val/acc_best", "Value": acc},
             "ObjectiveStatus": "Succeeded",
         }
         for i, (lr, acc) in enumerate([(1e-4, 0.6), (1e-3, 0.8), (1e-2, 0.4)])
@@ -250,7 +289,7 @@ def test_analytics_table_and_plot(sm: Callable, tmp_path: Path) -> None:
             "HyperParameterTuningJobStatus": "Completed", "CreationTime": datetime(2026, 1, 1),
             "HyperParameterTuningJobConfig": {
                 "Strategy": "Bayesian", "ResourceLimits": {"MaxParallelTrainingJobs": 2},
-                "HyperParameterTuningJobObjective": {"Type": "Maximize", "MetricName": "val/acc"},
+                "HyperParameterTuningJobObjective": {"Type": "Maximize", "MetricName": "val/acc_best"},
             },
             "TrainingJobStatusCounters": {}, "ObjectiveStatusCounters": {},
         },

@@ -32,6 +32,7 @@ def test_demo_trains_tests_and_exports(demo_cfg, tmp_path):
                                                 "Sandal", "Shirt", "Sneaker", "Bag", "Ankle_boot"}  # fmt: skip
     assert {"test/acc_top5", "test/f1_macro", "test/loss"} <= set(saved)
     assert metrics["objective"] == pytest.approx(metrics["best_val/acc"])
+    assert metrics["val/acc_best"] == pytest.approx(metrics["best_val/acc"])  # what SageMaker's tuner scores
     assert (run / "confusion_matrix.png").stat().st_size > 1000
     assert len((run / "confusion_matrix.csv").read_text().splitlines()) == 11
     exported = read_model_dir(run / "model")

@@ -12,13 +12,19 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
-from torchmetrics import MetricCollection
+from torchmetrics import MaxMetric, MetricCollection, MinMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 
 from dogbreed.models.backbone import create_backbone
 
 OptimizerFactory = Callable[..., Optimizer]
 SchedulerFactory = Callable[..., LRScheduler]
+
+# Validation metrics whose best value so far is logged as ``<name>_best``, and which way is better. A tuner that
+# scores a run by the last value it printed (SageMaker's) then scores the best epoch: the checkpoint that
+# training tests and exports, and the value the local Optuna tuner takes from the checkpoint callback.
+BEST_MODES: dict[str, str] = {"val/loss": "min", "val/acc": "max", "val/acc_top5": "max"}
+_BEST_CHECKPOINT_KEY = "dogbreed_val_best"
 
 
 class DogBreedClassifier(L.LightningModule):
@@ -76,6 +82,9 @@ class DogBreedClassifier(L.LightningModule):
             },
             prefix="val/",
         )
+        self.val_best = nn.ModuleDict(
+            {name: MaxMetric() if mode == "max" else MinMetric() for name, mode in BEST_MODES.items()}
+        )
         self.test_metrics = self.val_metrics.clone(prefix="test/")
         self.test_metrics.add_metrics({"f1_macro": MulticlassF1Score(num_classes, average="macro")})
         self.test_confmat = MulticlassConfusionMatrix(num_classes)
@@ -105,6 +114,34 @@ class DogBreedClassifier(L.LightningModule):
         self.log("val/loss", self.criterion(logits, y), prog_bar=True, sync_dist=True)
         self.val_metrics(logits, y)
         self.log_dict(self.val_metrics, prog_bar=True)
+
+    def setup(self, stage: str) -> None:
+        """Each fit starts with no best value; a resumed fit gets its best back from the checkpoint (loaded later)."""
+        if stage == "fit":
+            for best in self.val_best.values():
+                best.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        """Log ``val/acc_best`` (etc.): the best epoch-level value so far, not counting the sanity check."""
+        if self.trainer.sanity_checking:
+            return
+        for name, best in self.val_best.items():
+            value = self.trainer.callback_metrics.get(name)  # this epoch's aggregate, synced across processes
+            if value is None:
+                continue
+            best.update(value)
+            # log the computed value, not the metric: Lightning resets logged metrics after every epoch
+            self.log(f"{name}_best", best.compute(), sync_dist=True)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the best values in the checkpoint, so that a resumed run (a restarted spot job) still knows them."""
+        checkpoint[_BEST_CHECKPOINT_KEY] = {
+            name: best.compute() for name, best in self.val_best.items() if best.update_count
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        for name, value in checkpoint.get(_BEST_CHECKPOINT_KEY, {}).items():
+            self.val_best[name].update(value)
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch

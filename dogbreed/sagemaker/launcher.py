@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import dogbreed
 from dogbreed.data.staging import is_remote, split_s3_uri
+from dogbreed.models.classifier import BEST_MODES
 from dogbreed.sagemaker.entry import DATA_CHANNEL, ENTRY_SCRIPT, WEIGHTS_CHANNEL
 from dogbreed.sagemaker.hyperparameters import metric_definitions, overrides_to_hyperparameters
 from dogbreed.train import CONFIG_DIR
@@ -264,9 +265,14 @@ def make_estimator(
         )
     checkpoints = sm.spot or sm.always_checkpoint
     if checkpoints and sm.debugger.enabled and not for_tuning:
+        # SDK v2 (Framework._validate_and_set_debugger_configs) drops the hook of a checkpointing job that it deems
+        # distributed: instance_count > 1 or a distribution that is not None. PyTorch stores distribution=None as
+        # {}, so that is every PyTorch job, one instance included (the tests pin this against the SDK).
         log.warning(
-            "The SageMaker SDK turns the debugger hook off for PyTorch jobs that checkpoint (spot): the debugger "
-            "rules will see no tensors; profiler rules are unaffected."
+            "The SageMaker SDK turns the debugger hook off for every PyTorch job that checkpoints (sagemaker.spot or "
+            "sagemaker.always_checkpoint), on one instance too: SageMaker's debugger rules will see no tensors. The "
+            "in-job rules (callbacks.debugger) still run and write debug-output/ into the job's output.tar.gz, and "
+            "profiler rules are unaffected; for SageMaker's debugger rules, train without spot and always_checkpoint."
         )
     kwargs: dict[str, Any] = {} if for_tuning else profiler_and_debugger(sm, local_rule_settings(cfg))
     if for_tuning:
@@ -340,6 +346,36 @@ def hyperparameter_ranges(cfg: DictConfig) -> dict[str, Any]:
     return ranges
 
 
+def objective_metric(cfg: DictConfig) -> str:
+    """The metric the tuner scores jobs by: ``sagemaker.tuner.objective_metric``, checked against the job's metrics.
+
+    SageMaker takes the last value a job printed; the default, ``${optimized_metric}_best``, is the best value so
+    far, so a job whose last epochs overfit is still scored by the best epoch, whose weights it exports.
+    """
+    tc, direction = cfg.sagemaker.tuner, cfg.hparams_search.direction
+    if "objective_metric" not in tc:
+        raise LaunchError(
+            "sagemaker.tuner.objective_metric is not set; add `objective_metric: ${optimized_metric}_best` under "
+            "tuner in your conf/sagemaker file (see conf/sagemaker/default.yaml)."
+        )
+    metric = str(tc.objective_metric)
+    if metric not in cfg.sagemaker.metrics:
+        raise LaunchError(
+            f"sagemaker.tuner.objective_metric={metric!r} is not in sagemaker.metrics {list(cfg.sagemaker.metrics)}, "
+            "so no job would report it; add it there if training prints it, or set sagemaker.tuner.objective_metric "
+            "to one of them."
+        )
+    base = metric.removesuffix("_best")
+    mode = BEST_MODES.get(base) if base != metric else None
+    if mode and mode != ("max" if direction == "maximize" else "min"):
+        raise LaunchError(
+            f"sagemaker.tuner.objective_metric={metric!r} is the running {mode} of {base}, but "
+            f"hparams_search.direction={direction!r}; set the direction that fits {base}, or "
+            f"sagemaker.tuner.objective_metric={base}."
+        )
+    return metric
+
+
 def make_tuner(cfg: DictConfig, estimator: Any) -> Any:
     """A ``HyperparameterTuner`` over ``hparams_search`` with the configured strategy."""
     from sagemaker.tuner import (
@@ -360,13 +396,14 @@ def make_tuner(cfg: DictConfig, estimator: Any) -> Any:
             "sagemaker.tuner.strategy=Grid needs categorical parameters only; give every hparams_search.params "
             "entry a choices list, or pick Bayesian, Random or Hyperband."
         )
-    metric = cfg.optimized_metric
-    if metric not in cfg.sagemaker.metrics:
-        raise LaunchError(f"optimized_metric={metric!r} is not in sagemaker.metrics {list(cfg.sagemaker.metrics)}.")
+    metric = objective_metric(cfg)
     strategy_config = None
     early_stopping = tc.early_stopping
     if tc.strategy == "Hyperband":
-        # Hyperband stops jobs itself from the per-epoch objective; SageMaker requires early stopping Off
+        # Hyperband stops jobs itself from the per-epoch objective; SageMaker requires early stopping Off. Each
+        # printed objective value is an intermediate result (one per validated epoch). The best value so far is
+        # fine for it: it compares jobs at equal epochs, and a job's value after r epochs is then its best epoch
+        # up to r, the measure the final ranking uses (Auto early stopping's running medians likewise).
         strategy_config = StrategyConfig(HyperbandStrategyConfig(max_resource=cfg.trainer.max_epochs, min_resource=1))
         early_stopping = "Off"
     warm_start = None
