@@ -148,6 +148,11 @@ def test_checkpointing_jobs_lose_the_debugger_hook_and_say_so(
     (request,) = sent["CreateTrainingJob"]
     assert ("CheckpointConfig" in request) is spot
     assert ("DebugHookConfig" in request) is not spot
+    # debugger rules without a hook would read nothing and still bill an instance each: left out
+    rules = {r["RuleConfigurationName"].split("-")[0] for r in request.get("DebugRuleConfigurations", [])}
+    assert ("VanishingGradient" in rules) is not spot
+    profiler_rules = [r["RuleConfigurationName"].split("-")[0] for r in request["ProfilerRuleConfigurations"]]
+    assert profiler_rules == ["ProfilerReport"]
     warned = [r for r in caplog.records if r.name == launcher.__name__ and "debugger hook off" in r.getMessage()]
     assert bool(warned) is spot
     if spot:

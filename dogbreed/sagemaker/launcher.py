@@ -182,13 +182,17 @@ def local_rule_settings(cfg: DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(rules, resolve=True) if rules is not None else {}
 
 
-def profiler_and_debugger(sm: DictConfig, rule_settings: dict[str, Any] | None = None) -> dict[str, Any]:
+def profiler_and_debugger(
+    sm: DictConfig, rule_settings: dict[str, Any] | None = None, *, debugger: bool = True
+) -> dict[str, Any]:
     """Estimator arguments for the profiler, the debugger hook and the rules chosen in config.
 
     Args:
         sm: ``cfg.sagemaker``.
         rule_settings: Per-rule parameters (SageMaker's parameter names) from the local debugger's config;
             a rule set to ``false`` there is left out here too.
+        debugger: False where the SDK would drop the hook anyway: the debugger rules, which would read no
+            tensors and still bill a rule instance each, are left out too; profiler rules stay.
     """
     rule_settings = rule_settings or {}
     from sagemaker.debugger import (
@@ -215,7 +219,7 @@ def profiler_and_debugger(sm: DictConfig, rule_settings: dict[str, Any] | None =
     else:
         kwargs["disable_profiler"] = True
     rules = []
-    if sm.debugger.enabled:
+    if sm.debugger.enabled and debugger:
         kwargs["debugger_hook_config"] = DebuggerHookConfig(
             s3_output_path=output,
             collection_configs=[
@@ -263,18 +267,20 @@ def make_estimator(
             "them (sagemaker.image_uri).",
             ", ".join(requirements()),
         )
-    checkpoints = sm.spot or sm.always_checkpoint
+    checkpoints = bool(sm.spot or sm.always_checkpoint)
     if checkpoints and sm.debugger.enabled and not for_tuning:
         # SDK v2 (Framework._validate_and_set_debugger_configs) drops the hook of a checkpointing job that it deems
         # distributed: instance_count > 1 or a distribution that is not None. PyTorch stores distribution=None as
         # {}, so that is every PyTorch job, one instance included (the tests pin this against the SDK).
         log.warning(
             "The SageMaker SDK turns the debugger hook off for every PyTorch job that checkpoints (sagemaker.spot or "
-            "sagemaker.always_checkpoint), on one instance too: SageMaker's debugger rules will see no tensors. The "
+            "sagemaker.always_checkpoint), on one instance too, so the job gets no SageMaker debugger rules. The "
             "in-job rules (callbacks.debugger) still run and write debug-output/ into the job's output.tar.gz, and "
             "profiler rules are unaffected; for SageMaker's debugger rules, train without spot and always_checkpoint."
         )
-    kwargs: dict[str, Any] = {} if for_tuning else profiler_and_debugger(sm, local_rule_settings(cfg))
+    kwargs: dict[str, Any] = (
+        {} if for_tuning else profiler_and_debugger(sm, local_rule_settings(cfg), debugger=not checkpoints)
+    )
     if for_tuning:
         kwargs.update(disable_profiler=True, debugger_hook_config=False)
     return PyTorch(
