@@ -46,7 +46,10 @@ def photo(rng: np.random.Generator, width: int, height: int) -> Image.Image:
 
 
 def generate(root: Path, n_train: int, classes: int = 10, quality: int = 90, seed: int = 0) -> int:
-    """Write ``n_train`` training JPEGs (and two per class for valid/test) in the dogImages layout."""
+    """Write ``n_train`` training JPEGs (and two per class for valid/test) in the dogImages layout.
+
+    ``bench_train.py --device`` trains on the same images.
+    """
     rng = np.random.default_rng(seed)
     total = 0
     for split, per_class in (("train", n_train // classes), ("valid", 2), ("test", 2)):

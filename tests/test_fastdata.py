@@ -19,8 +19,24 @@ from omegaconf import open_dict
 from PIL import Image
 
 from dogbreed.data import DogBreedDataModule
-from dogbreed.data.cache import INDEX, META, CachedImageDataset, estimate_bytes, shard_name
-from dogbreed.data.decode import DecodedImageDataset, auto_num_workers, available_cores, read_rgb
+from dogbreed.data import cache as cache_module
+from dogbreed.data.cache import (
+    INDEX,
+    META,
+    CachedImageDataset,
+    DecodedImageCache,
+    estimate_bytes,
+    load_or_build,
+    shard_name,
+)
+from dogbreed.data.decode import (
+    DecodedImageDataset,
+    auto_num_workers,
+    available_cores,
+    decode_jpegs_resized,
+    decodes_on_device,
+    read_rgb,
+)
 from dogbreed.data.device_aug import BatchAugment, UInt8Batch
 from dogbreed.models import DogBreedClassifier
 from dogbreed.train import CONFIG_DIR, train
@@ -56,6 +72,15 @@ def write_varied_folder(root: Path) -> Path:
 @pytest.fixture
 def varied(tmp_path: Path) -> Path:
     return write_varied_folder(tmp_path / "data")
+
+
+def add_odd_jpegs(root: Path) -> None:
+    """A CMYK and an EXIF-rotated JPEG: a batched device decode would get both wrong, so the CPU decodes them."""
+    folder = root / "train" / "001.Class0"
+    smooth_image(40, 30, seed=5).convert("CMYK").save(folder / "img_cmyk.jpg", quality=90)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees
+    smooth_image(40, 30, seed=6).save(folder / "img_rotated.jpg", exif=exif.tobytes(), quality=90)
 
 
 def datamodule(root: Path, tmp_path: Path, **kwargs) -> DogBreedDataModule:
@@ -200,6 +225,63 @@ def test_changing_resize_or_dataset_invalidates_the_cache(varied, tmp_path, capl
     assert torch.equal(x, changed.preprocessing.eval_transform()(load_rgb(varied / rel)))
 
 
+def build(root: Path, folder: Path, **kwargs) -> tuple[DecodedImageCache, list[str]]:
+    """A cache of every file under ``root`` (short side 28), and the files in cache order."""
+    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    p = Preprocessing(image_size=24, resize_size=28)
+    return load_or_build(folder, root, files, p, max_bytes=10**9, **kwargs), files
+
+
+def test_decodes_on_device_turns_away_what_a_batched_decode_gets_wrong(varied, tmp_path):
+    add_odd_jpegs(varied)
+    folder = varied / "train" / "001.Class0"
+    (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    eligible = {
+        folder / "img0.jpg": True,
+        folder / "img_grey.jpg": True,
+        folder / "img_png.png": False,
+        folder / "img_cmyk.jpg": False,
+        folder / "img_rotated.jpg": False,
+        tmp_path / "bad.jpg": False,
+    }
+    assert {path: decodes_on_device(path.read_bytes()) for path in eligible} == eligible
+
+
+def test_batched_decode_on_the_cpu_equals_the_per_image_decode(varied):
+    """The batched function a GPU build calls, run on the CPU: libjpeg-turbo, the same pixels as read_rgb."""
+    resize = Preprocessing(image_size=16, resize_size=20).resize_transform()
+    paths = sorted(p for p in varied.rglob("*.jpg") if decodes_on_device(p.read_bytes()))[:6]
+    encoded = [torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8) for p in paths]
+    images = decode_jpegs_resized(encoded, resize, "cpu")
+    assert len(images) == len(paths)
+    for path, image in zip(paths, images, strict=True):
+        assert image.device.type == "cpu" and torch.equal(image, resize(read_rgb(path))), path
+
+
+@pytest.mark.parametrize("reject", [False, True])
+def test_a_cache_built_in_device_batches_equals_the_per_image_build(varied, tmp_path, monkeypatch, caplog, reject):
+    """The build path a GPU takes, on the CPU: workers read, batches are decoded here, odd files go the CPU way,
+    and a batch the device decoder rejects is decoded on the CPU image by image."""
+    add_odd_jpegs(varied)
+    monkeypatch.setattr(cache_module, "DEVICE_BATCH", 8)
+    batches: list[int] = []
+
+    def decode(encoded, resize, device):
+        batches.append(len(encoded))
+        if reject and len(batches) == 2:
+            raise RuntimeError("nvjpeg rejected one of these")
+        return decode_jpegs_resized(encoded, resize, device)
+
+    monkeypatch.setattr(cache_module, "decode_jpegs_resized", decode)
+    per_image, files = build(varied, tmp_path / "per-image")
+    with caplog.at_level(logging.INFO, logger="dogbreed.data.cache"):
+        batched, _ = build(varied, tmp_path / "batched", device="cpu", num_workers=2)
+    assert len(batched) == len(per_image) == len(files) == 56
+    assert all(torch.equal(per_image[i], batched[i]) for i in range(len(files)))
+    assert sum(batches) == 45  # 3 splits x 3 classes x 5 upright RGB or greyscale JPEGs
+    assert f"Decoded {45 - batches[1] if reject else 45} of 56 images on cpu" in caplog.text
+
+
 def test_cache_larger_than_the_limit_is_not_written(varied, tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="dogbreed.data.cache"):
         dm = datamodule(varied, tmp_path, cache_max_gb=1e-6)
@@ -294,6 +376,30 @@ def test_options_are_checked_with_clear_errors(varied, tmp_path):
     dm = DogBreedDataModule(varied, num_workers="auto", persistent_workers=True)
     assert dm.num_workers == auto_num_workers() == max(1, available_cores() - 1)
     assert dm.persistent_workers
+    with pytest.raises(ValueError, match=r"data\.cache_decode_device must be auto, cpu or cuda, got 'gpu'"):
+        DogBreedDataModule(varied, cache_decode_device="gpu")
+    with pytest.raises(ValueError, match=r"data\.decoder='pil': set data\.decoder=torchvision"):
+        DogBreedDataModule(varied, decoder="pil", cache_decode_device="cuda")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available here; use auto or cpu"):
+            DogBreedDataModule(varied, cache_decode_device="cuda")
+
+
+@pytest.mark.parametrize(
+    ("accelerator", "decoder", "setting", "expected"),
+    [
+        (None, "torchvision", "auto", None),
+        (CPUAccelerator, "torchvision", "auto", None),
+        (CUDAAccelerator, "torchvision", "auto", "cuda" if torch.cuda.is_available() else None),
+        (CUDAAccelerator, "pil", "auto", None),
+        (CUDAAccelerator, "torchvision", "cpu", None),
+    ],
+)
+def test_cache_decode_device_auto_is_cuda_only_when_training_on_a_gpu(varied, accelerator, decoder, setting, expected):
+    dm = DogBreedDataModule(varied, decoder=decoder, cache_decode_device=setting)
+    if accelerator is not None:
+        dm.trainer = SimpleNamespace(accelerator=accelerator())
+    assert dm._resolve_cache_decode_device() == expected
 
 
 @pytest.mark.parametrize(
@@ -341,6 +447,30 @@ def test_gpu_device_augmentation_matches_the_cpu_result(varied, tmp_path):
     on_gpu, labels = dm.on_after_batch_transfer(cuda_batch, 0)
     assert on_gpu.is_cuda and labels.is_cuda and on_gpu.dtype == torch.float32
     assert torch.allclose(on_gpu.cpu(), on_cpu, atol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_cache_built_with_nvjpeg_is_close_to_the_cpu_built_one(varied, tmp_path, caplog):
+    """Same shapes and dtype; nvjpeg's pixels within torchvision's own tolerance of libjpeg-turbo's (mean
+    absolute difference < 2 levels), and identical for the files the CPU decodes either way."""
+    add_odd_jpegs(varied)
+    on_cpu = datamodule(varied, tmp_path / "cpu", cache_decode_device="cpu")
+    with caplog.at_level(logging.INFO, logger="dogbreed.data.cache"):
+        on_gpu = datamodule(varied, tmp_path / "gpu", cache_decode_device="cuda", num_workers=2)
+    assert "Decoded 45 of 56 images on cuda" in caplog.text
+    cpu_cache, gpu_cache = on_cpu.datasets["train"].cache, on_gpu.datasets["train"].cache
+    files = sorted({rel for s in on_cpu.index.samples.values() for rel, _ in s})
+    assert len(cpu_cache) == len(gpu_cache) == len(files)
+    for i, rel in enumerate(files):
+        a, b = cpu_cache[i], gpu_cache[i]
+        assert a.shape == b.shape and a.dtype == b.dtype == torch.uint8, rel
+        if decodes_on_device((varied / rel).read_bytes()):
+            assert (a.float() - b.float()).abs().mean() < 2, rel
+        else:
+            assert torch.equal(a, b), rel
+    keys = [json.loads((cache_folder(dm) / META).read_text())["key"] for dm in (on_cpu, on_gpu)]
+    assert keys[0] != keys[1]
 
 
 @pytest.mark.gpu

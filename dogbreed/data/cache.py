@@ -5,12 +5,18 @@ Later epochs and later runs read raw pixels instead of decoding JPEGs. The cache
 transform; resizing an image that already has that size is a no-op, so eval tensors from the cache are
 identical to those computed from the files, and to what serving computes.
 
-Files in ``<folder>``: ``images-<shard>.u8`` (pixels back to back; each build worker appends to its own
-shard, so pixels never cross processes), ``index.npy`` (shard, offset, height, width and CRC-32 of each
-image) and ``meta.json``, written last: the completion marker, holding the key (dataset file list with
-sizes and mtimes, resize settings, decoder), the shard sizes and the index's checksum. Everything is
-written under temporary names and renamed, so an interrupted build leaves no ``meta.json`` and is
-rebuilt; a truncated or corrupted file fails its size or checksum test when opened and is rebuilt too.
+On a GPU the build can decode JPEGs with nvjpeg instead (``device="cuda"``): workers read the files, the
+training process decodes and resizes them in batches on the GPU. nvjpeg's pixels differ from
+libjpeg-turbo's by a level or two, so the device is part of the cache key, and eval tensors from such a
+cache are close to, not identical with, serving's.
+
+Files in ``<folder>``: ``images-<shard>.u8`` (pixels back to back; each CPU build worker appends to its
+own shard, so pixels never cross processes; a device build writes one), ``index.npy`` (shard, offset,
+height, width and CRC-32 of each image) and ``meta.json``, written last: the completion marker, holding
+the key (dataset file list with sizes and mtimes, resize settings, decoder, decoding device), the shard
+sizes and the index's checksum. Everything is written under temporary names and renamed, so an
+interrupted build leaves no ``meta.json`` and is rebuilt; a truncated or corrupted file fails its size
+or checksum test when opened and is rebuilt too.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
-from dogbreed.data.decode import DecodedImageDataset
+from dogbreed.data.decode import DecodedImageDataset, decode_jpegs_resized, decodes_on_device
 from dogbreed.data.staging import file_lock
 from dogbreed.transforms import Preprocessing
 
@@ -40,10 +46,14 @@ CACHE_VERSION = 1
 INDEX, META = "index.npy", "meta.json"
 _CHUNK = 64 << 20
 _EXIF_ORIENTATION, _TRANSPOSED = 0x0112, {5, 6, 7, 8}
+DEVICE_BATCH = 64  # JPEGs per batched device decode: large enough for nvjpeg, small for any GPU's memory
 
 
-def cache_key(root: Path, rel_paths: Sequence[str], preprocessing: Preprocessing, decoder: str) -> str:
-    """What the cached pixels depend on: every file (path, size, mtime), the resize settings and the decoder."""
+def cache_key(
+    root: Path, rel_paths: Sequence[str], preprocessing: Preprocessing, decoder: str, device: str | None = None
+) -> str:
+    """What the cached pixels depend on: every file (path, size, mtime), the resize settings, the decoder and
+    the kind of device JPEGs are decoded on (``None``: the CPU)."""
     digest = hashlib.sha256(
         json.dumps(
             {
@@ -51,6 +61,7 @@ def cache_key(root: Path, rel_paths: Sequence[str], preprocessing: Preprocessing
                 "resize_size": preprocessing.resize_size,
                 "interpolation": preprocessing.interpolation,
                 "decoder": decoder,
+                "decode_device": torch.device(device or "cpu").type,
             }
         ).encode()
     )
@@ -176,6 +187,26 @@ def open_cache(folder: Path, key: str) -> DecodedImageCache | None:
     return None
 
 
+class _Shard:
+    """One pixel file (under its temporary name) that one process appends images to."""
+
+    def __init__(self, folder: Path, shard: int) -> None:
+        self.shard = shard
+        self._fd = os.open(folder / f".{shard_name(shard)}.tmp", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+
+    def append(self, image: torch.Tensor) -> tuple[int, int, int, int, int]:
+        """Write ``image`` (uint8, (3, h, w)); return its index entry: shard, offset, height, width, CRC-32."""
+        data = memoryview(image.contiguous().numpy()).cast("B")
+        offset = os.lseek(self._fd, 0, os.SEEK_END)
+        written = 0
+        while written < data.nbytes:  # unbuffered: workers exit without flushing Python buffers
+            written += os.write(self._fd, data[written:])
+        return self.shard, offset, image.shape[1], image.shape[2], zlib.crc32(data)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
 class _ShardWriter(Dataset):
     """Decodes and resizes image ``i``, appends it to this process's shard file, returns where it went.
 
@@ -184,29 +215,90 @@ class _ShardWriter(Dataset):
 
     def __init__(self, images: DecodedImageDataset, folder: Path) -> None:
         self.images, self.folder = images, folder
-        self.shard, self._fd = 0, -1
+        self._shard: _Shard | None = None
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, i: int) -> tuple[int, int, int, int, int, int]:
-        if self._fd < 0:
+        if self._shard is None:
             worker = get_worker_info()
-            self.shard = worker.id if worker else 0
-            flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND
-            self._fd = os.open(self.folder / f".{shard_name(self.shard)}.tmp", flags, 0o644)
+            self._shard = _Shard(self.folder, worker.id if worker else 0)
         image, _ = self.images[i]
-        data = memoryview(image.contiguous().numpy()).cast("B")
-        offset = os.lseek(self._fd, 0, os.SEEK_END)
-        written = 0
-        while written < data.nbytes:  # unbuffered: workers exit without flushing Python buffers
-            written += os.write(self._fd, data[written:])
-        return i, self.shard, offset, image.shape[1], image.shape[2], zlib.crc32(data)
+        return i, *self._shard.append(image)
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        if self._shard is not None:
+            self._shard.close()
+            self._shard = None
+
+
+class _EncodedImages(Dataset):
+    """Image ``i`` as its JPEG bytes, for a batched device decode, or decoded and resized on this CPU.
+
+    The CPU decodes what the device decode would get wrong or cannot read (see ``decodes_on_device``).
+    Returns ``(i, tensor, encoded)``: ``encoded`` says which of the two the tensor is.
+    """
+
+    def __init__(self, images: DecodedImageDataset) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor, bool]:
+        data = (self.images.root / self.images.samples[i][0]).read_bytes()
+        if decodes_on_device(data):
+            return i, torch.frombuffer(bytearray(data), dtype=torch.uint8), True
+        return i, self.images[i][0], False
+
+
+def _write_on_cpu(images: DecodedImageDataset, folder: Path, num_workers: int) -> np.ndarray:
+    """Each worker decodes, resizes and appends images to its own shard; returns the index."""
+    writer = _ShardWriter(images, folder)
+    # its own generator: building the cache must not shift the seeded random stream training draws from
+    loader = DataLoader(writer, batch_size=None, num_workers=num_workers, generator=torch.Generator())
+    index = np.zeros((len(images), 5), dtype=np.int64)
+    try:
+        for i, *entry in loader:
+            index[i] = entry
+    finally:
+        writer.close()
+    return index
+
+
+def _write_on_device(images: DecodedImageDataset, folder: Path, device: str, num_workers: int) -> np.ndarray:
+    """Workers read the files; this process decodes JPEGs in batches on ``device``, resizes them there and
+    appends every image to shard 0; returns the index.
+
+    A batch the device decoder rejects (an unusual JPEG, or no memory left) is decoded image by image on
+    the CPU instead, as are the files ``decodes_on_device`` turns away.
+    """
+    loader = DataLoader(
+        _EncodedImages(images), batch_size=DEVICE_BATCH, num_workers=num_workers, collate_fn=list,
+        generator=torch.Generator(),
+    )  # fmt: skip
+    index = np.zeros((len(images), 5), dtype=np.int64)
+    on_device = 0
+    shard = _Shard(folder, 0)
+    try:
+        for items in loader:
+            decoded = {i: image for i, image, encoded in items if not encoded}
+            batch = [(i, data) for i, data, encoded in items if encoded]
+            if batch:
+                try:
+                    pixels = decode_jpegs_resized([data for _, data in batch], images.transform, device)
+                    decoded.update(zip([i for i, _ in batch], pixels, strict=True))
+                    on_device += len(batch)
+                except RuntimeError as err:
+                    log.debug("Batched decode on %s failed (%s); its %d images go to the CPU", device, err, len(batch))
+                    decoded.update((i, images[i][0]) for i, _ in batch)
+            for i in sorted(decoded):
+                index[i] = shard.append(decoded[i])
+    finally:
+        shard.close()
+    log.info("Decoded %d of %d images on %s, the others on the CPU", on_device, len(images), device)
+    return index
 
 
 def build_cache(
@@ -217,23 +309,23 @@ def build_cache(
     preprocessing: Preprocessing,
     decoder: str,
     num_workers: int = 0,
+    device: str | None = None,
 ) -> DecodedImageCache:
-    """Decode and resize every image into ``folder`` (temporary names, renamed when complete)."""
+    """Decode and resize every image into ``folder`` (temporary names, renamed when complete).
+
+    ``device``: decode JPEGs in batches there (``cuda``: nvjpeg); ``None``: each worker decodes its images
+    on the CPU.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     (folder / META).unlink(missing_ok=True)  # from here on the old files no longer count as a cache
     for leftover in [*folder.glob(".*.tmp"), *folder.glob(shard_name("*"))]:  # builds hold the lock
         leftover.unlink()
     start = time.perf_counter()
     images = DecodedImageDataset(root, [(rel, 0) for rel in rel_paths], preprocessing.resize_transform(), decoder)
-    writer = _ShardWriter(images, folder)
-    # its own generator: building the cache must not shift the seeded random stream training draws from
-    loader = DataLoader(writer, batch_size=None, num_workers=num_workers, generator=torch.Generator())
-    index = np.zeros((len(rel_paths), 5), dtype=np.int64)
-    try:
-        for i, *entry in loader:
-            index[i] = entry
-    finally:
-        writer.close()
+    if device is None:
+        index = _write_on_cpu(images, folder, num_workers)
+    else:
+        index = _write_on_device(images, folder, device, num_workers)
     shards = {}
     for shard in sorted(set(index[:, 0].tolist())):
         tmp = folder / f".{shard_name(shard)}.tmp"
@@ -270,13 +362,15 @@ def load_or_build(
     decoder: str = "torchvision",
     max_bytes: int,
     num_workers: int = 0,
+    device: str | None = None,
 ) -> DecodedImageCache | None:
     """Open the cache for these files and settings, building it first if needed.
 
-    Returns None, after saying why, when the cache would exceed ``max_bytes`` or the free disk space:
-    training then decodes the files every epoch.
+    ``device``: where a build decodes JPEGs in batches (``cuda``: nvjpeg); ``None``: on the CPU, image by
+    image in the workers. Returns None, after saying why, when the cache would exceed ``max_bytes`` or the
+    free disk space: training then decodes the files every epoch.
     """
-    key = cache_key(root, rel_paths, preprocessing, decoder)
+    key = cache_key(root, rel_paths, preprocessing, decoder, device)
     with file_lock(folder.with_suffix(".lock")):  # DDP ranks and parallel trials share one build
         cache = open_cache(folder, key)
         if cache is not None:
@@ -302,4 +396,4 @@ def load_or_build(
                 size / 1e9, folder, free / 1e9,
             )  # fmt: skip
             return None
-        return build_cache(folder, key, root, rel_paths, preprocessing, decoder, num_workers)
+        return build_cache(folder, key, root, rel_paths, preprocessing, decoder, num_workers, device)
