@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dogbreed.data import DataError
 from dogbreed.models import WeightsError
-from dogbreed.report.tuning import BEST_OVERRIDES, PLOT_DIR, STUDY_JSON, TRIALS_CSV, report_tuning
+from dogbreed.report.tuning import BEST_OVERRIDES, PLOT_DIR, STUDY_JSON, TRIAL_COLUMNS, TRIALS_CSV, report_tuning
 from dogbreed.train import train
 
 log = logging.getLogger(__name__)
@@ -326,7 +326,7 @@ def write_trials_csv(study: optuna.Study, path: Path) -> None:
     names = sorted({k for t in trials for k in t.params})
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["trial", "state", "objective", "epochs", "duration_s", *names])
+        writer.writerow([*TRIAL_COLUMNS, *names])
         for t in trials:
             duration = t.duration.total_seconds() if t.duration else None
             writer.writerow(
