@@ -22,13 +22,12 @@ from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dogbreed.artifacts import write_model_dir, write_test_results
+from dogbreed.config import CONFIG_DIR
 from dogbreed.data import DataError, DogBreedDataModule
 from dogbreed.models import DogBreedClassifier, WeightsError
 from dogbreed.report import report_run
 
 log = logging.getLogger(__name__)
-
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
 def amp_precision() -> str:
@@ -128,7 +127,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[Callback] = ()) -> dict[str
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry point; user errors end with one clear message instead of a traceback."""
     try:

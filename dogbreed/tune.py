@@ -29,6 +29,7 @@ from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from dogbreed.config import CONFIG_DIR, TuneConfigError, search_space
 from dogbreed.data import DataError
 from dogbreed.models import WeightsError
 from dogbreed.report.tuning import BEST_OVERRIDES, PLOT_DIR, STUDY_JSON, TRIAL_COLUMNS, TRIALS_CSV, report_tuning
@@ -40,33 +41,6 @@ EPOCHS_ATTR = "epochs"
 BEST_CONFIG = Path("tuned") / "best.yaml"
 SAMPLERS = ("tpe", "random")
 PRUNERS = ("median", "asha", "hyperband", "none")
-
-
-class TuneConfigError(ValueError):
-    """``hparams_search`` or ``tune`` is malformed; the message names the setting and the fix."""
-
-
-def search_space(cfg: DictConfig) -> dict[str, dict[str, Any]]:
-    """``cfg.hparams_search.params`` as plain dicts, checked once for both tuners."""
-    params = OmegaConf.to_container(cfg.hparams_search.params, resolve=True)
-    if not params:
-        raise TuneConfigError("hparams_search.params is empty; add e.g. model.lr: {type: float, low: ..., high: ...}.")
-    for name, spec in params.items():
-        kind = spec.get("type")
-        if kind in ("float", "int"):
-            if not isinstance(spec.get("low"), int | float) or not isinstance(spec.get("high"), int | float):
-                raise TuneConfigError(
-                    f"hparams_search.params.{name}: low and high must be numbers (got {spec.get('low')!r}, "
-                    f"{spec.get('high')!r}); write floats with a dot, e.g. 1.0e-5, since YAML reads 1e-5 as text."
-                )
-            if spec["low"] >= spec["high"] or (spec.get("log") and spec["low"] <= 0):
-                raise TuneConfigError(f"hparams_search.params.{name}: need 0 < low < high for log scale, low < high.")
-        elif kind == "categorical":
-            if not spec.get("choices"):
-                raise TuneConfigError(f"hparams_search.params.{name}: categorical needs a non-empty choices list.")
-        else:
-            raise TuneConfigError(f"hparams_search.params.{name}: type={kind!r}; use float, int or categorical.")
-    return params
 
 
 def suggest(trial: optuna.Trial, params: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
@@ -362,7 +336,7 @@ def write_plots(study: optuna.Study, plot_dir: Path) -> None:
         plt.close(fig)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="tune")
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="tune")
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry point; user errors end with one clear message instead of a traceback."""
     try:

@@ -24,7 +24,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
 from dogbreed.callbacks import Debugger
-from dogbreed.train import CONFIG_DIR, train
+from dogbreed.config import CONFIG_DIR
+from dogbreed.train import train
 
 
 class StepTimer(L.Callback):

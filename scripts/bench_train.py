@@ -67,8 +67,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
 from dogbreed.callbacks.profiler_rules import load_profile
+from dogbreed.config import CONFIG_DIR
 from dogbreed.data import DogBreedDataModule
-from dogbreed.train import CONFIG_DIR, instantiate_group
+from dogbreed.train import instantiate_group
 
 GOAL_IMAGES_PER_S = 12_000  # issue #6, one H100, AMP + channels_last + cache + device augmentation
 GOAL_ROW = "trainer=gpu"  # the row the goal is about

@@ -24,7 +24,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
 from dogbreed import tune as tune_mod
-from dogbreed.train import CONFIG_DIR
+from dogbreed.config import CONFIG_DIR
 
 
 def run_arm(args: argparse.Namespace, seed: int, sampler: str, pruner: str, out: Path) -> dict:

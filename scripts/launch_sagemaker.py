@@ -14,9 +14,9 @@ from __future__ import annotations
 import logging
 import sys
 
+from dogbreed.config import TuneConfigError
 from dogbreed.data import DataError
 from dogbreed.sagemaker.launcher import LaunchError, main
-from dogbreed.tune import TuneConfigError
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="[%(levelname)s] %(message)s")

@@ -18,7 +18,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 from PIL import Image
 
-from dogbreed.train import CONFIG_DIR
+from dogbreed.config import CONFIG_DIR
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 

@@ -10,7 +10,8 @@ from hydra.utils import instantiate
 from omegaconf import open_dict
 
 from dogbreed import DogBreedClassifier, DogBreedDataModule
-from dogbreed.train import CONFIG_DIR, instantiate_group
+from dogbreed.config import CONFIG_DIR
+from dogbreed.train import instantiate_group
 
 from .conftest import compose_config, make_small
 

@@ -18,6 +18,7 @@ from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
 from omegaconf import open_dict
 from PIL import Image
 
+from dogbreed.config import CONFIG_DIR
 from dogbreed.data import DogBreedDataModule
 from dogbreed.data import cache as cache_module
 from dogbreed.data.cache import (
@@ -39,7 +40,7 @@ from dogbreed.data.decode import (
 )
 from dogbreed.data.device_aug import BatchAugment, UInt8Batch
 from dogbreed.models import DogBreedClassifier
-from dogbreed.train import CONFIG_DIR, train
+from dogbreed.train import train
 from dogbreed.transforms import Preprocessing, load_rgb
 
 DATA = shard_name(0)  # the one pixel file of a cache built without worker processes

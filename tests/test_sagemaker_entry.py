@@ -114,7 +114,7 @@ def test_entry_point_trains_in_a_simulated_sagemaker_container(tmp_path: Path) -
         proc = subprocess.run(
             [sys.executable, ENTRY_SCRIPT], cwd=code, env=env, capture_output=True, text=True, timeout=300
         )
-        assert (code / "conf" / "train.yaml").is_file() and not (code / "dogbreed" / "demo_data").exists()
+        assert (code / "dogbreed" / "conf" / "train.yaml").is_file() and not (code / "dogbreed" / "demo_data").exists()
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-3000:]
     assert {"model.pt", "model_config.json", "classes.json"} <= {p.name for p in (opt_ml / "model").iterdir()}

@@ -15,7 +15,8 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState
 
 from dogbreed import tune as tune_mod
-from dogbreed.train import CONFIG_DIR, train
+from dogbreed.config import CONFIG_DIR, TuneConfigError, search_space
+from dogbreed.train import train
 
 from .conftest import compose_config, make_small
 
@@ -65,19 +66,19 @@ def tune_cfg(tmp_path: Path) -> DictConfig:
 
 
 def test_search_space_is_shared_and_checked(tune_cfg: DictConfig) -> None:
-    space = tune_mod.search_space(tune_cfg)
+    space = search_space(tune_cfg)
     assert space["model.lr"] == {"type": "float", "low": 1e-5, "high": 1e-2, "log": True}
     assert space["data.batch_size"]["choices"] == [16, 32, 64, 128]
     assert tune_cfg.optimized_metric == "val/acc" and tune_cfg.hparams_search.direction == "maximize"
 
     bad = tune_cfg.copy()
     bad.hparams_search.params["model.lr"].low = "1e-5"  # what YAML gives for 1e-5 without a dot
-    with pytest.raises(tune_mod.TuneConfigError, match=r"model\.lr.*1\.0e-5"):
-        tune_mod.search_space(bad)
+    with pytest.raises(TuneConfigError, match=r"model\.lr.*1\.0e-5"):
+        search_space(bad)
     bad.hparams_search.params["model.lr"] = {"type": "uniform", "low": 0.1, "high": 1.0}
-    with pytest.raises(tune_mod.TuneConfigError, match="float, int or categorical"):
-        tune_mod.search_space(bad)
-    with pytest.raises(tune_mod.TuneConfigError, match=r"tune\.pruner"):
+    with pytest.raises(TuneConfigError, match="float, int or categorical"):
+        search_space(bad)
+    with pytest.raises(TuneConfigError, match=r"tune\.pruner"):
         tune_mod.make_pruner("sha", n_startup_trials=1, n_warmup_steps=0, max_epochs=2)
 
 

@@ -87,7 +87,8 @@ def main() -> None:
     """Compose ``conf/train.yaml`` with the job's overrides and train; metric lines go to stdout (CloudWatch)."""
     from hydra import compose, initialize_config_dir
 
-    from dogbreed.train import CONFIG_DIR, train
+    from dogbreed.config import CONFIG_DIR
+    from dogbreed.train import train
 
     logging.basicConfig(
         stream=sys.stdout, level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] %(message)s", force=True

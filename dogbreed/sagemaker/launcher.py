@@ -26,11 +26,11 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 import dogbreed
+from dogbreed.config import CONFIG_DIR, search_space
 from dogbreed.data.staging import is_remote, split_s3_uri
 from dogbreed.models.classifier import BEST_MODES
 from dogbreed.sagemaker.entry import DATA_CHANNEL, ENTRY_SCRIPT, WEIGHTS_CHANNEL
 from dogbreed.sagemaker.hyperparameters import metric_definitions, overrides_to_hyperparameters
-from dogbreed.train import CONFIG_DIR
 
 log = logging.getLogger(__name__)
 
@@ -109,12 +109,14 @@ def requirements() -> list[str]:
 
 @contextlib.contextmanager
 def source_dir() -> Iterator[Path]:
-    """A temporary copy of the code the job runs: ``dogbreed/``, ``conf/``, the entry script, requirements."""
+    """A temporary copy of the code the job runs: ``dogbreed/`` with its ``conf/``, the entry script, requirements."""
     with tempfile.TemporaryDirectory(prefix="dogbreed-source-") as tmp:
         root = Path(tmp)
         ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "demo_data")
-        shutil.copytree(Path(dogbreed.__file__).resolve().parent, root / "dogbreed", ignore=ignore)
-        shutil.copytree(CONFIG_DIR, root / "conf", ignore=ignore)
+        package = root / "dogbreed"
+        shutil.copytree(Path(dogbreed.__file__).resolve().parent, package, ignore=ignore)
+        # a wheel already holds dogbreed/conf; an editable install keeps it in the checkout's conf/
+        shutil.copytree(CONFIG_DIR, package / "conf", ignore=ignore, dirs_exist_ok=True)
         (root / ENTRY_SCRIPT).write_text(ENTRY_PY)
         (root / "requirements.txt").write_text("\n".join(requirements()) + "\n")
         yield root
@@ -337,8 +339,6 @@ def launch_train(cfg: DictConfig, job_overrides: Sequence[str], session: Any | N
 def hyperparameter_ranges(cfg: DictConfig) -> dict[str, Any]:
     """SageMaker parameter ranges from ``hparams_search`` (log scale -> ``Logarithmic``)."""
     from sagemaker.tuner import CategoricalParameter, ContinuousParameter, IntegerParameter
-
-    from dogbreed.tune import search_space
 
     ranges: dict[str, Any] = {}
     for name, spec in search_space(cfg).items():
