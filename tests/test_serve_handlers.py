@@ -16,6 +16,7 @@ from dogbreed.serve.handlers import (
     DogBreedModel,
     InferenceError,
     Limits,
+    decode_request,
     input_fn,
     model_fn,
     output_fn,
@@ -50,9 +51,9 @@ def answer(model: DogBreedModel, body: bytes | str, content_type: str | None, ac
     return json.loads(content)["predictions"]
 
 
-def refused(body: bytes | str, content_type: str | None, limits: Limits | None = None) -> InferenceError:
+def refused(body: bytes | str | None, content_type: str | None, limits: Limits | None = None) -> InferenceError:
     with pytest.raises(InferenceError) as info:
-        input_fn(body, content_type, limits)
+        decode_request(body, content_type, limits or Limits.from_env())
     err = info.value
     assert 400 <= err.status < 500
     assert set(err.body) == {"error", "message", "accepted"}
@@ -157,6 +158,7 @@ def test_greyscale_and_exif_rotation(model) -> None:
 
 def test_refuses_empty_and_unsupported() -> None:
     assert refused(b"", "image/jpeg").body["error"] == "empty_body"
+    assert refused(None, "image/jpeg").body["error"] == "empty_body"
     err = refused(PHOTO.read_bytes(), "text/csv")
     assert err.status == 415 and "image/jpeg" in err.body["accepted"]
     assert "application/json" in err.body["message"]
@@ -182,6 +184,14 @@ def test_refuses_decompression_bombs_and_oversized_bodies() -> None:
     huge = io.BytesIO()
     np.save(huge, np.zeros((2000, 1000, 3), np.uint8))
     assert refused(huge.getvalue(), "application/x-npy", Limits(max_pixels=1_000_000)).status == 413
+
+
+def test_input_fn_takes_its_limits_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SageMaker's toolkit calls ``input_fn(body, content_type)``; the endpoint's environment sets the limits."""
+    monkeypatch.setenv("DOGBREED_MAX_IMAGE_BYTES", "1000")
+    with pytest.raises(InferenceError) as info:
+        input_fn(PHOTO.read_bytes(), "image/jpeg")
+    assert info.value.status == 413 and info.value.body["error"] == "image_too_large"
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,12 @@ top-k classes, or one such list per image for a batch; ``;top_k=N`` on the Accep
 Every refused request raises :class:`InferenceError`: a 4xx status with a JSON body saying what was
 wrong and what is accepted. On SageMaker it subclasses the toolkit's ``BaseInferenceToolkitError``, so
 the status code reaches the client (the toolkit appends a traceback to the JSON line of the body).
+
+The toolkit (``sagemaker_inference.transformer.Transformer``) counts each handler's parameters and passes
+the request context as one more positional argument when a handler takes one more than the toolkit's own.
+So each handler takes exactly the toolkit's arguments and nothing optional: ``input_fn`` reads its limits
+from the environment (:meth:`Limits.from_env`), and the local server calls :func:`decode_request` with its
+own limits.
 """
 
 from __future__ import annotations
@@ -267,26 +273,31 @@ def media_type(header: str | None) -> str:
     return (header or "").split(";")[0].strip().lower()
 
 
-def input_fn(
-    request_body: bytes | bytearray | str, request_content_type: str | None, limits: Limits | None = None
-) -> Inputs:
+def input_fn(request_body: bytes | bytearray | str | None, request_content_type: str | None) -> Inputs:
+    """SageMaker: decode a request within the limits of the environment (``DOGBREED_MAX_*``).
+
+    Exactly the toolkit's two arguments: a third parameter would receive the toolkit's request context.
+    """
+    return decode_request(request_body, request_content_type, Limits.from_env())
+
+
+def decode_request(body: bytes | bytearray | str | None, content_type: str | None, limits: Limits) -> Inputs:
     """Decode a request body into images; raise :class:`InferenceError` for anything else.
 
-    A missing content type is read as raw image bytes.
+    A missing content type is read as raw image bytes; a missing body (``None``) as an empty one.
     """
-    limits = limits or Limits.from_env()
-    body = request_body.encode() if isinstance(request_body, str) else bytes(request_body)
-    content_type = media_type(request_content_type) or "application/octet-stream"
-    if not body:
+    data = body.encode() if isinstance(body, str) else bytes(body or b"")
+    kind = media_type(content_type) or "application/octet-stream"
+    if not data:
         raise InferenceError(400, "empty_body", f"the request body is empty; {_ACCEPTED_INPUT}.")
-    if content_type == JSON_CONTENT_TYPE:
-        return _from_json(body, limits)
-    if content_type == NPY_CONTENT_TYPE:
-        return _from_npy(body, limits)
-    if content_type in IMAGE_CONTENT_TYPES or content_type.startswith("image/"):
-        return Inputs([decode_image(body, limits)], batched=False)
+    if kind == JSON_CONTENT_TYPE:
+        return _from_json(data, limits)
+    if kind == NPY_CONTENT_TYPE:
+        return _from_npy(data, limits)
+    if kind in IMAGE_CONTENT_TYPES or kind.startswith("image/"):
+        return Inputs([decode_image(data, limits)], batched=False)
     raise InferenceError(
-        415, "unsupported_content_type", f"content type {request_content_type!r} is not supported; {_ACCEPTED_INPUT}."
+        415, "unsupported_content_type", f"content type {content_type!r} is not supported; {_ACCEPTED_INPUT}."
     )
 
 

@@ -32,7 +32,7 @@ from dogbreed.serve.handlers import (
     Limits,
     Prediction,
     accept_top_k,
-    input_fn,
+    decode_request,
     output_fn,
 )
 
@@ -197,7 +197,7 @@ def create_app(model: DogBreedModel, config: ServerConfig | None = None) -> Star
     )
 
     def decode(body: bytes, content_type: str | None) -> tuple[Inputs, torch.Tensor]:
-        inputs = input_fn(body, content_type, config.limits)
+        inputs = decode_request(body, content_type, config.limits)
         return inputs, model.preprocess(inputs.items)
 
     async def ping(request: Request) -> Response:
