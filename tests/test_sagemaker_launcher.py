@@ -239,7 +239,7 @@ def test_tuner_objective_follows_optimized_metric_and_errors_name_the_key(sm: Ca
 
 def test_missing_role_and_isolated_download_are_clear_errors(sm: Callable) -> None:
     with pytest.raises(launcher.LaunchError, match=r"sagemaker\.role"):
-        launcher.main(["train", f"sagemaker.bucket={BUCKET}", "experiment=demo"])
+        launcher.launch(["train", f"sagemaker.bucket={BUCKET}", "experiment=demo"])
     cfg, session, _ = sm("sagemaker.network_isolation=true", "model.weights=IMAGENET1K_V1", "data.source=s3://b/d")
     with pytest.raises(launcher.LaunchError, match="network-isolated"):
         launcher.channels(cfg, session)

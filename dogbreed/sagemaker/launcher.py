@@ -541,10 +541,10 @@ def plot_tuning_jobs(frame: Any, params: list[str], path: Path) -> None:
 COMMANDS = ("train", "tune", "deploy", "analytics")
 
 
-def main(argv: Sequence[str]) -> str | Path:
-    """``launch_sagemaker.py COMMAND [overrides]``: compose the config, run the command, return its result."""
+def launch(argv: Sequence[str]) -> str | Path:
+    """``dogbreed-sagemaker COMMAND [overrides]``: compose the config, run the command, return its result."""
     if not argv or argv[0] not in COMMANDS:
-        raise LaunchError(f"usage: launch_sagemaker.py {{{','.join(COMMANDS)}}} [hydra overrides]")
+        raise LaunchError(f"usage: dogbreed-sagemaker {{{','.join(COMMANDS)}}} [hydra overrides]")
     command, overrides = argv[0], list(argv[1:])
     _, job_overrides = split_overrides(overrides)
     cfg = compose_launch_config(overrides)

@@ -1,0 +1,36 @@
+"""``dogbreed-sagemaker {train,tune,deploy,analytics} [overrides]`` (or ``python -m dogbreed.sagemaker``).
+
+    dogbreed-sagemaker train sagemaker.role=arn:aws:iam::123456789012:role/SageMaker \\
+        sagemaker.bucket=my-bucket data.source=s3://my-bucket/dogImages
+    dogbreed-sagemaker tune sagemaker.tuner.strategy=Hyperband sagemaker.tuner.max_jobs=20
+    dogbreed-sagemaker deploy sagemaker.deploy.training_job=dogbreed-2026-01-01-00-00-00-000
+    dogbreed-sagemaker analytics sagemaker.analytics.tuning_job=dogbreed-260101-0000
+
+Needs ``pip install "dogbreed[sagemaker]"``; the logic lives in :mod:`dogbreed.sagemaker.launcher`.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+
+from dogbreed.config import TuneConfigError
+from dogbreed.data.layout import DataError
+from dogbreed.sagemaker.launcher import LaunchError, launch
+
+log = logging.getLogger("dogbreed.sagemaker")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run one launcher verb; a configuration mistake ends with one clear line and exit code 2."""
+    logging.basicConfig(level=logging.INFO, format="[%(levelname)s] %(message)s")
+    try:
+        print(launch(sys.argv[1:] if argv is None else argv))
+    except (LaunchError, TuneConfigError, DataError) as err:
+        log.error("%s", err)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
