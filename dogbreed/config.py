@@ -1,5 +1,5 @@
-"""What the extras share, with no Lightning, Optuna or SageMaker import: the config dir, composing a config,
-and the hyperparameter search space that the local and the SageMaker tuner both read.
+"""What the extras share, with no Lightning, Optuna or SageMaker import: the config dir and its resolvers,
+composing a config, and the hyperparameter search space that the local and the SageMaker tuner both read.
 
 The configs are the repo's top-level ``conf/``; the build installs them as the ``dogbreed.conf`` package
 data, so a wheel carries them and ``CONFIG_DIR`` finds them in a source checkout and an install alike.
@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Sequence
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-__all__ = ["CONFIG_DIR", "TuneConfigError", "compose_config", "search_space"]
+__all__ = ["CONFIG_DIR", "TuneConfigError", "amp_precision", "compose_config", "on_cuda", "search_space"]
 
 
 def _config_dir() -> Path:
@@ -28,6 +29,32 @@ def _config_dir() -> Path:
 
 
 CONFIG_DIR = _config_dir()
+
+
+def on_cuda(accelerator: str) -> bool:
+    """Whether ``trainer.accelerator`` trains on a CUDA GPU (``auto`` does when one is present)."""
+    import torch
+
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+
+
+def amp_precision(accelerator: str = "gpu") -> str:
+    """``bf16-mixed`` on GPUs that support bf16, else ``16-mixed``; ``32-true`` on a CPU, where AMP only slows."""
+    import torch
+
+    if not on_cuda(accelerator):
+        return "32-true"
+    return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "16-mixed"
+
+
+def register_resolvers() -> None:
+    """Resolvers: ``${dogbreed.demo_data:}``, ``${dogbreed.amp_precision:ACCEL}``, ``${dogbreed.on_cuda:ACCEL}``."""
+    OmegaConf.register_new_resolver("dogbreed.demo_data", lambda: str(files("dogbreed") / "demo_data"), replace=True)
+    OmegaConf.register_new_resolver("dogbreed.amp_precision", amp_precision, replace=True)
+    OmegaConf.register_new_resolver("dogbreed.on_cuda", on_cuda, replace=True)
+
+
+register_resolvers()
 
 
 def compose_config(name: str, overrides: Sequence[str] = ()) -> DictConfig:

@@ -10,13 +10,11 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
-from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
-import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -28,20 +26,6 @@ from dogbreed.models import DogBreedClassifier, WeightsError
 from dogbreed.report import report_run
 
 log = logging.getLogger(__name__)
-
-
-def amp_precision() -> str:
-    """``bf16-mixed`` on GPUs that support bf16, else ``16-mixed``."""
-    return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "16-mixed"
-
-
-def register_resolvers() -> None:
-    """Config resolvers: ``${dogbreed.demo_data:}`` and ``${dogbreed.amp_precision:}``."""
-    OmegaConf.register_new_resolver("dogbreed.demo_data", lambda: str(files("dogbreed") / "demo_data"), replace=True)
-    OmegaConf.register_new_resolver("dogbreed.amp_precision", amp_precision, replace=True)
-
-
-register_resolvers()
 
 
 def instantiate_group(group: DictConfig | None, kind: str) -> list[Any]:

@@ -111,7 +111,8 @@ def test_train_job_request(sm: Callable, image_folder: Callable[..., Path], tmp_
     with tarfile.open(fileobj=io.BytesIO(_s3_object(channels["code"]))) as tar:
         members = set(tar.getnames())
         requirements = tar.extractfile("requirements.txt").read().decode()
-    assert {"dogbreed_entry.py", "dogbreed/conf/train.yaml", "dogbreed/train.py", "dogbreed/sagemaker/entry.py"} <= members
+    expected = {"dogbreed_entry.py", "dogbreed/conf/train.yaml", "dogbreed/train.py", "dogbreed/sagemaker/entry.py"}
+    assert expected <= members
     assert "lightning" in requirements and "torch" not in requirements.replace("torchmetrics", "")
 
 
