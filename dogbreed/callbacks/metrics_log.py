@@ -16,8 +16,12 @@ log = logging.getLogger(__name__)
 
 
 def format_metrics(metrics: dict[str, float]) -> str:
-    """``{"val/acc": 0.81}`` -> ``val/acc=0.81`` (sorted, 6 significant digits)."""
-    return " ".join(f"{k}={float(v):.6g}" for k, v in sorted(metrics.items()))
+    """``{"val/acc": 0.81}`` -> ``val/acc=0.81`` (sorted).
+
+    Each value is the float's ``repr``, the shortest text that reads back as the same float, so a scraper
+    records exactly what ``metrics.csv`` holds: ``0.10000000149011612``, ``1e-05``, ``3.0``, ``nan``.
+    """
+    return " ".join(f"{k}={float(v)!r}" for k, v in sorted(metrics.items()))
 
 
 class LogMetrics(Callback):

@@ -13,7 +13,9 @@ from typing import Any
 # Keys SageMaker (SDK, tuner, toolkit) adds to a job's hyperparameters; they are not config overrides.
 _RESERVED_PREFIXES = ("sagemaker_", "_")
 
-# A number as ``format_metrics`` prints it (``%.6g``): 0.8123, 12, 1e-05, -3.2e+04.
+# A finite number as ``format_metrics`` prints it (a float's repr): 0.10000000149011612, 12.0, 1e-05, -3.2e+20.
+# ``nan`` and ``inf`` stay in the log but match nothing: CloudWatch stores no non-finite value, so such an
+# epoch gets no point for that metric rather than a bogus one.
 NUMBER = r"[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?"
 
 
