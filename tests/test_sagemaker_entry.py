@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from importlib.resources import files
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import pytest
 
 from dogbreed.callbacks.metrics_log import format_metrics
 from dogbreed.models.classifier import BEST_MODES
-from dogbreed.sagemaker.entry import ENTRY_SCRIPT, container_overrides, job_overrides
+from dogbreed.sagemaker.entry import ENTRY_SCRIPT, container_overrides, without_progress_bar
 from dogbreed.sagemaker.hyperparameters import (
     hyperparameters_to_overrides,
     metric_definitions,
@@ -66,6 +67,9 @@ def test_container_overrides_map_channels_dirs_and_checkpoints(tmp_path: Path) -
     assert {"paths.model_dir=/opt/ml/model", "paths.output_dir=/opt/ml/output/data"} <= set(got)
     assert f"paths.checkpoint_dir={tmp_path / 'checkpoints'}" in got
     assert f"ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}" in got  # a restarted spot job resumes
+    shutil.rmtree(tmp_path / "checkpoints")  # no checkpoint_s3_uri: scratch space, not output.tar.gz
+    scratch = [o for o in container_overrides(env) if o.startswith(("paths.checkpoint_dir=", "ckpt_path="))]
+    assert scratch == [f"paths.checkpoint_dir={Path(tempfile.gettempdir()) / 'dogbreed-checkpoints'}"]
     (weights / "other.pth").write_bytes(b"x")
     with pytest.raises(ValueError, match="exactly one"):
         container_overrides(env)
@@ -82,6 +86,33 @@ def test_every_printed_metric_has_a_definition() -> None:
     assert {d["Name"]: float(re.search(d["Regex"], line).group(1)) for d in metric_definitions(values)} == values
 
 
+def test_metric_lines_print_full_precision() -> None:
+    """Each regex reads back the very float the model logged; a non-finite value matches nothing."""
+    values = {"val/acc": 0.10000000149011612, "val/loss": 1e-05, "train/loss": -3.2e20, "train/acc": 12.0}
+    line = format_metrics(values | {"test/loss": float("nan"), "test/acc": float("inf")})
+    assert {d["Name"]: re.search(d["Regex"], line).group(1) for d in metric_definitions(values)} == {
+        name: repr(value) for name, value in values.items()
+    }
+    assert not any(re.search(d["Regex"], line) for d in metric_definitions(["test/loss", "test/acc"]))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [[], ["callbacks=none"], ["+callbacks.rich._target_=lightning.pytorch.callbacks.RichProgressBar"]],
+    ids=["default", "callbacks=none", "rich"],
+)
+def test_no_progress_bar_in_a_job(overrides: list[str]) -> None:
+    """The job's stdout carries metric lines only: whatever the callbacks, no bar is configured."""
+    from hydra.utils import get_class
+    from lightning.pytorch.callbacks import ProgressBar
+
+    cfg = without_progress_bar(compose_config(["experiment=demo", *overrides]))
+    assert cfg.trainer.enable_progress_bar is False
+    targets = [c._target_ for c in (cfg.callbacks or {}).values() if "_target_" in c]
+    assert not [t for t in targets if issubclass(get_class(t), ProgressBar)]
+    assert ("dogbreed.callbacks.LogMetrics" in targets) == ("callbacks=none" not in overrides)
+
+
 @pytest.mark.slow
 def test_entry_point_trains_in_a_simulated_sagemaker_container(tmp_path: Path) -> None:
     """SageMaker's layout and env, the launcher's source dir, two demo epochs; then the metric regexes."""
@@ -96,8 +127,7 @@ def test_entry_point_trains_in_a_simulated_sagemaker_container(tmp_path: Path) -
     (opt_ml / "checkpoints").mkdir()
     overrides = [
         "experiment=demo", "model.lr=0.002", "trainer.max_epochs=2", "+trainer.limit_train_batches=3",
-        "+trainer.limit_val_batches=2", "+trainer.limit_test_batches=2", "+trainer.enable_progress_bar=false",
-        "~callbacks.progress_bar", "data.image_size=32", "data.resize_size=36",
+        "+trainer.limit_val_batches=2", "+trainer.limit_test_batches=2", "data.image_size=32", "data.resize_size=36",
     ]  # fmt: skip
     hps = {k: json.dumps(v) for k, v in overrides_to_hyperparameters(overrides).items()}
     hps |= {"sagemaker_program": json.dumps(ENTRY_SCRIPT), "sagemaker_region": '"us-east-1"'}
@@ -109,7 +139,7 @@ def test_entry_point_trains_in_a_simulated_sagemaker_container(tmp_path: Path) -
         "SM_NUM_GPUS": "0", "SM_CURRENT_HOST": "algo-1", "SM_HOSTS": '["algo-1"]', "OMP_NUM_THREADS": "2",
         "PYTHONPATH": "",
     }  # fmt: skip
-    assert "data.source=" + str(channel) in job_overrides(env)
+    assert "data.source=" + str(channel) in container_overrides(env)
     with source_dir() as code:
         proc = subprocess.run(
             [sys.executable, ENTRY_SCRIPT], cwd=code, env=env, capture_output=True, text=True, timeout=300
@@ -135,7 +165,7 @@ def test_entry_point_trains_in_a_simulated_sagemaker_container(tmp_path: Path) -
         assert found, f"{definition['Name']} never matched in:\n" + "\n".join(lines)
         assert found[-1] == printed[definition["Name"]]
     test_metrics = json.loads((opt_ml / "output" / "data" / "metrics.json").read_text())
-    assert printed["test/acc"] == pytest.approx(test_metrics["test/acc"], rel=1e-5)
+    assert printed["test/acc"] == test_metrics["test/acc"]  # printed at full precision
     # the tuner's objective: the best val/acc of the epochs printed so far, on every epoch line
     epochs = [dict(t.split("=") for t in line.split("] ", 1)[1].split()) for line in lines if "] epoch=" in line]
     assert len(epochs) == 2
@@ -153,4 +183,5 @@ def test_entry_point_failure_reason(tmp_path: Path) -> None:
         env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode != 0
-    assert "data.source" in (tmp_path / "output" / "failure").read_text()
+    failure = (tmp_path / "output" / "failure").read_text()
+    assert "data.source" in failure and failure.endswith("Job overrides: experiment=demo")

@@ -9,9 +9,13 @@ SageMaker runs ``dogbreed_entry.py`` (written by the launcher next to the shippe
 - ``SM_MODEL_DIR`` -> ``paths.model_dir`` (uploaded as ``model.tar.gz``), ``SM_OUTPUT_DATA_DIR`` ->
   ``paths.output_dir`` (uploaded as ``output.tar.gz``);
 - ``<base>/checkpoints`` (synced with ``checkpoint_s3_uri``) -> ``paths.checkpoint_dir``; a ``last.ckpt``
-  there (a restarted spot job) resumes training.
+  there (a restarted spot job) resumes training. A job without that dir keeps its checkpoints in scratch
+  space (``$TMPDIR/dogbreed-checkpoints``), so that ``output.tar.gz`` carries no checkpoints: the test with
+  the best checkpoint still runs, and only the exported model leaves the job.
 
-``<base>`` is ``/opt/ml``, or ``SAGEMAKER_BASE_DIR`` as in SageMaker's training toolkit.
+``<base>`` is ``/opt/ml``, or ``SAGEMAKER_BASE_DIR`` as in SageMaker's training toolkit. The job prints no
+progress bar: its carriage-return updates would share a line with the metric lines, and its rounded values
+would match the metric regexes too.
 """
 
 from __future__ import annotations
@@ -21,9 +25,12 @@ import logging
 import os
 import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from omegaconf import DictConfig, open_dict
+
+import dogbreed
 from dogbreed.sagemaker.hyperparameters import hyperparameters_to_overrides
 
 log = logging.getLogger(__name__)
@@ -75,12 +82,43 @@ def container_overrides(env: Mapping[str, str] = os.environ) -> list[str]:
         overrides.append(f"paths.checkpoint_dir={checkpoints}")
         if (checkpoints / "last.ckpt").is_file():
             overrides.append(f"ckpt_path={checkpoints / 'last.ckpt'}")
+    else:
+        # not under output/data: SageMaker would upload every checkpoint (3x the model each) in output.tar.gz
+        overrides.append(f"paths.checkpoint_dir={Path(tempfile.gettempdir()) / 'dogbreed-checkpoints'}")
     return overrides
 
 
-def job_overrides(env: Mapping[str, str] = os.environ) -> list[str]:
-    """The user's overrides from the hyperparameters, then the container's locations."""
-    return [*hyperparameters_to_overrides(read_hyperparameters(env)), *container_overrides(env)]
+def failure_reason(err: BaseException, given: Sequence[str]) -> str:
+    """What ``<base>/output/failure`` says: the error, then the user's overrides.
+
+    SageMaker shows the file's first 1024 characters as the job's FailureReason. Hydra names a bad key or
+    config group itself; a wrong value that fails deep in training (``'>' not supported between 'int' and
+    'str'``) does not, so the overrides the job was given follow the error.
+    """
+    overrides = f"\nJob overrides: {' '.join(given)}"[:400] if given else ""
+    return f"{type(err).__name__}: {err}"[: 1024 - len(overrides)] + overrides
+
+
+def without_progress_bar(cfg: DictConfig) -> DictConfig:
+    """Drop progress-bar callbacks and turn Lightning's default bar off: the job's log is for metric lines.
+
+    Works on the composed config (not as overrides), so ``callbacks=none`` or a user's own bar are no error.
+    """
+    from hydra.utils import get_class
+    from lightning.pytorch.callbacks import ProgressBar
+
+    with open_dict(cfg):
+        callbacks = cfg.get("callbacks") or {}
+        for name in [n for n, c in callbacks.items() if isinstance(c, DictConfig) and "_target_" in c]:
+            try:
+                is_bar = issubclass(get_class(callbacks[name]._target_), ProgressBar)
+            except ImportError:
+                continue  # not ours to judge: instantiating it reports the error
+            if is_bar:
+                log.info("No progress bar in a SageMaker job: dropping callbacks.%s", name)
+                del callbacks[name]
+        cfg.trainer.enable_progress_bar = False
+    return cfg
 
 
 def main() -> None:
@@ -90,20 +128,25 @@ def main() -> None:
     from dogbreed.config import CONFIG_DIR
     from dogbreed.train import train
 
+    # one write per line: the toolkit reads stdout in chunks and cuts lines where a block buffer would split them
+    sys.stdout.reconfigure(line_buffering=True)
     logging.basicConfig(
         stream=sys.stdout, level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] %(message)s", force=True
     )
-    overrides = job_overrides()
-    log.info("Overrides: %s", " ".join(overrides))
+    # which copy runs: the job's source dir, not a dogbreed the image happens to have installed
+    log.info("dogbreed %s from %s", dogbreed.__version__, Path(dogbreed.__file__).parent)
+    given: list[str] = []
     try:
+        given = hyperparameters_to_overrides(read_hyperparameters())
+        overrides = [*given, *container_overrides()]  # the container's locations win over the user's
+        log.info("Overrides: %s", " ".join(overrides))
         with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
-            cfg = compose("train", overrides=overrides)
+            cfg = without_progress_bar(compose("train", overrides=overrides))
         metrics = train(cfg)
     except Exception as err:
-        # SageMaker shows this file as the job's FailureReason
-        failure = base_dir() / "output" / "failure"
+        failure = base_dir() / "output" / "failure"  # the toolkit keeps an existing one
         failure.parent.mkdir(parents=True, exist_ok=True)
-        failure.write_text(f"{type(err).__name__}: {err}"[:1000])
+        failure.write_text(failure_reason(err, given))
         raise
     log.info("Finished: objective=%s", metrics.get("objective"))
 
