@@ -1,0 +1,141 @@
+"""The launcher's source dir run by SageMaker's own training toolkit, as the PyTorch training image runs it.
+
+PyPI ``sagemaker-training`` (the ``train`` command the image starts) with ``SAGEMAKER_TRAINING_MODULE``
+pointing at ``sagemaker-pytorch-training``, in the ``/opt/ml`` layout under ``SAGEMAKER_BASE_DIR``:
+``input/config/*.json`` as SageMaker writes them, the ``training`` channel, and ``sourcedir.tar.gz`` packed
+as the SDK packs it. ``sagemaker_submit_directory`` may be a local tarball, so no S3 is involved. The
+toolkit pip-installs the source dir's ``requirements.txt``; ``PIP_NO_INDEX`` makes a requirement the
+environment lacks fail the job instead of being downloaded into it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+from importlib.resources import files
+from pathlib import Path
+
+import pytest
+
+from dogbreed.sagemaker.entry import DATA_CHANNEL, ENTRY_SCRIPT
+from dogbreed.sagemaker.hyperparameters import metric_regex, overrides_to_hyperparameters
+from dogbreed.sagemaker.launcher import source_dir
+
+from .conftest import compose_config
+
+SAGEMAKER_METRICS = list(compose_config(["+sagemaker=default"]).sagemaker.metrics)
+TOOLKIT = Path(sys.executable).with_name("train")  # sagemaker-training's console script
+EPOCHS = 2
+SMALL = [
+    "experiment=demo", f"trainer.max_epochs={EPOCHS}", "+trainer.limit_train_batches=4",
+    "+trainer.limit_val_batches=2", "+trainer.limit_test_batches=2", "data.num_workers=0", "data.cache=false",
+    "data.image_size=32", "data.resize_size=36", "report=false",
+]  # fmt: skip
+
+
+def run_job(tmp_path: Path, overrides: list[str], *, checkpoints: bool = False) -> tuple[Path, str, int]:
+    """Lay out ``<tmp>/opt/ml`` as SageMaker does, run the toolkit's ``train``; return base dir, log, exit code."""
+    base = tmp_path / "opt" / "ml"
+    config = base / "input" / "config"
+    config.mkdir(parents=True)
+    shutil.copytree(Path(str(files("dogbreed") / "demo_data")), base / "input" / "data" / DATA_CHANNEL)
+    if checkpoints:  # checkpoint_s3_uri set: SageMaker creates the dir and syncs it
+        (base / "checkpoints").mkdir()
+    sourcedir = tmp_path / "sourcedir.tar.gz"
+    with source_dir() as code, tarfile.open(sourcedir, "w:gz") as tar:
+        for path in sorted(code.iterdir()):  # the SDK's tar_and_upload_dir: the dir's entries at the top
+            tar.add(path, arcname=path.name)
+    hyperparameters = {k: json.dumps(v) for k, v in overrides_to_hyperparameters(overrides).items()}
+    hyperparameters |= {
+        k: json.dumps(v)
+        for k, v in {
+            "sagemaker_program": ENTRY_SCRIPT, "sagemaker_submit_directory": str(sourcedir),
+            "sagemaker_container_log_level": 20, "sagemaker_job_name": "dogbreed-test", "sagemaker_region": "us-east-1",
+        }.items()
+    }  # fmt: skip
+    (config / "hyperparameters.json").write_text(json.dumps(hyperparameters))
+    (config / "inputdataconfig.json").write_text(
+        json.dumps({DATA_CHANNEL: {"TrainingInputMode": "File", "S3DistributionType": "FullyReplicated"}})
+    )
+    # a host name that resolves offline: the toolkit waits (up to 15 minutes) for every host's DNS
+    host = "localhost"
+    (config / "resourceconfig.json").write_text(
+        json.dumps({"current_host": host, "hosts": [host], "network_interface_name": "lo"})
+    )
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    # no PYTHONUNBUFFERED (a custom image need not set it): the entry must keep its own lines whole
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONUNBUFFERED", "PYTHONPATH")}
+    env |= {
+        "SAGEMAKER_BASE_DIR": str(base), "SAGEMAKER_TRAINING_MODULE": "sagemaker_pytorch_container.training:main",
+        "TMPDIR": str(scratch), "PIP_NO_INDEX": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1", "OMP_NUM_THREADS": "2",
+    }  # fmt: skip
+    proc = subprocess.run([str(TOOLKIT)], env=env, cwd=tmp_path, capture_output=True, timeout=600)
+    # bytes, not text=True: universal newlines would turn a progress bar's \r into line breaks
+    return base, (proc.stdout + proc.stderr).decode("utf-8", "replace"), proc.returncode
+
+
+def per_epoch_values(metrics_csv: Path) -> dict[str, list[float | int]]:
+    """Each epoch-level metric in ``metrics.csv`` (``train/loss_epoch`` as ``train/loss``), in logged order."""
+    values: dict[str, list[float | int]] = {}
+    with open(metrics_csv, newline="") as f:
+        for row in csv.DictReader(f):
+            for key, value in row.items():
+                if value and not key.endswith("_step") and key not in ("epoch", "step"):
+                    values.setdefault(key.removesuffix("_epoch"), []).append(float(value))
+    return values
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("checkpoints", [False, True], ids=["no-checkpoint-dir", "checkpoint-dir"])
+def test_training_toolkit_runs_the_job(tmp_path: Path, checkpoints: bool) -> None:
+    base, log, code = run_job(tmp_path, SMALL, checkpoints=checkpoints)
+    assert code == 0, log[-5000:]
+    assert (base / "output" / "success").is_file() and not (base / "output" / "failure").exists()
+    assert f"from {base / 'code' / 'dogbreed'}" in log  # the shipped copy ran, not the checkout
+    assert "Requirement already satisfied" in log and "Collecting" not in log  # nothing downloaded
+    model = base / "model"
+    assert {"model.pt", "model_config.json", "classes.json"} <= {p.name for p in model.iterdir()}
+
+    # no progress bar; every metric's regex matches once per epoch (test/*: once), at full precision
+    assert "\r" not in log
+    output = base / "output" / "data"
+    logged = per_epoch_values(next(output.glob("csv/version_*/metrics.csv")))
+    logged["epoch"] = list(range(EPOCHS))  # the line's header, an int
+    test_metrics = json.loads((output / "metrics.json").read_text())
+    for name in SAGEMAKER_METRICS:
+        found = re.findall(metric_regex(name), log)
+        expected = [test_metrics[name]] if name.startswith("test/") else logged[name]
+        assert len(expected) == (1 if name.startswith("test/") else EPOCHS), name
+        assert [float(v) for v in found] == expected, f"{name}: printed {found}, logged {expected}"
+        assert found == [repr(v) for v in expected]  # the float's own digits, not a rounded form
+
+    # checkpoints: synced to <base>/checkpoints when SageMaker provides it, else scratch; never uploaded
+    uploaded = [p for p in [*output.rglob("*"), *model.rglob("*")] if p.is_file()]
+    assert not [p for p in uploaded if p.suffix == ".ckpt"]
+    assert sum(p.stat().st_size for p in uploaded if output in p.parents) < (model / "model.pt").stat().st_size
+    kept = base / "checkpoints" if checkpoints else tmp_path / "tmp" / "dogbreed-checkpoints"
+    assert {"last.ckpt", Path(test_metrics["best_checkpoint"]).name} <= {p.name for p in kept.iterdir()}
+    assert Path(test_metrics["best_checkpoint"]).parent == kept  # the test ran on the best checkpoint
+
+
+@pytest.mark.parametrize(
+    ("override", "error"),
+    [
+        ("model=resnet999", "Could not find 'model/resnet999'"),  # Hydra names it
+        ("trainer.max_epochs=abc", "TypeError: '>' not supported"),  # the overrides that follow name it
+    ],
+)
+def test_training_toolkit_reports_a_bad_override(tmp_path: Path, override: str, error: str) -> None:
+    """SageMaker shows ``output/failure`` as the job's FailureReason: the error and the overrides given."""
+    base, log, code = run_job(tmp_path, ["experiment=demo", override])
+    assert code != 0, log[-3000:]
+    failure = (base / "output" / "failure").read_text()
+    assert error in failure and f"Job overrides: experiment=demo {override}" in failure, failure
+    assert len(failure) <= 1024 and not (base / "output" / "success").exists()
