@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,8 @@ import torch
 from torch import nn
 
 from dogbreed.transforms import Preprocessing
+
+log = logging.getLogger(__name__)
 
 MODEL_WEIGHTS = "model.pt"
 MODEL_CONFIG = "model_config.json"
@@ -37,13 +40,28 @@ def write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def non_finite_tensors(state_dict: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors holding NaN or Inf: the weights of a diverged training."""
+    return [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+
+
 def write_model_dir(
     model_dir: str | Path, net: nn.Module, *, backbone: str, class_names: list[str], preprocessing: Preprocessing
 ) -> Path:
-    """Export the trained network and everything inference needs to rebuild it."""
+    """Export the trained network and everything inference needs to rebuild it.
+
+    Weights with NaN/Inf are still written (the run's other results stay consistent with them) but flagged
+    loudly; ``python -m dogbreed.package`` refuses them.
+    """
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    if broken := non_finite_tensors(state):
+        log.error(
+            "The exported weights hold NaN/Inf in %d tensor(s), e.g. %s: training diverged and this model answers "
+            "NaN. Lower model.lr or add +trainer.gradient_clip_val=1.0 and train again; it cannot be packaged.",
+            len(broken), broken[0],
+        )  # fmt: skip
     tmp = model_dir / f".{MODEL_WEIGHTS}.tmp"
     torch.save(state, tmp)
     os.replace(tmp, model_dir / MODEL_WEIGHTS)

@@ -115,6 +115,30 @@ def test_package_cli_errors(tmp_path: Path, tiny_model_dir: Path, capsys: pytest
         build_package(tiny_model_dir, tmp_path / "m.tar.gz", runtime="onnx")
 
 
+def test_diverged_weights_are_flagged_on_export_and_refused_by_package(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The lr=1e30 example's all-NaN weights: training says so loudly, packaging refuses them."""
+    from dogbreed.artifacts import write_model_dir
+    from dogbreed.models.backbone import create_backbone
+    from dogbreed.transforms import Preprocessing
+
+    net, _ = create_backbone("resnet18", num_classes=3)
+    with torch.no_grad():
+        net.fc.weight.fill_(float("nan"))
+    with caplog.at_level("ERROR", logger="dogbreed.artifacts"):
+        model_dir = write_model_dir(
+            tmp_path / "model", net, backbone="resnet18", class_names=["a", "b", "c"], preprocessing=Preprocessing()
+        )
+    assert "NaN/Inf in 1 tensor(s), e.g. fc.weight" in caplog.text
+    with pytest.raises(SystemExit) as info:
+        main([str(model_dir), "-o", str(tmp_path / "m.tar.gz")])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "fc.weight" in err and "model.lr" in err and "Traceback" not in err
+    assert not (tmp_path / "m.tar.gz").exists()
+
+
 def crafted(tmp_path: Path, member: tarfile.TarInfo, data: bytes = b"x") -> Path:
     path = tmp_path / "evil.tar.gz"
     with tarfile.open(path, "w:gz") as tar:

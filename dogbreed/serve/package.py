@@ -35,7 +35,15 @@ from typing import Any
 import torch
 
 import dogbreed
-from dogbreed.artifacts import CLASSES, MODEL_CONFIG, MODEL_WEIGHTS, PREPROCESSING, read_model_dir, write_json
+from dogbreed.artifacts import (
+    CLASSES,
+    MODEL_CONFIG,
+    MODEL_WEIGHTS,
+    PREPROCESSING,
+    non_finite_tensors,
+    read_model_dir,
+    write_json,
+)
 from dogbreed.models.backbone import create_backbone
 from dogbreed.serve.handlers import DEFAULT_TOP_K, EXPORT_FILES, PACKAGE_MANIFEST, RUNTIMES
 
@@ -104,6 +112,12 @@ def build_package(
         raise ValueError(f"top_k={top_k} must be at least 1.")
     model_dir = find_model_dir(run_dir)
     md = read_model_dir(model_dir)
+    if broken := non_finite_tensors(md.state_dict):
+        raise ValueError(
+            f"{model_dir / MODEL_WEIGHTS} holds NaN/Inf in {len(broken)} tensor(s), e.g. {broken[0]}: the training "
+            "diverged and the endpoint would answer NaN. Train again with a lower model.lr (or "
+            "+trainer.gradient_clip_val=1.0); the run's report/rules.json names the rule that fired."
+        )
     output = Path(output)
     with tempfile.TemporaryDirectory(prefix="dogbreed-package-") as tmp:
         root = Path(tmp)
