@@ -105,6 +105,33 @@ def test_corrupt_truncated_and_non_image_files_are_excluded_and_reported(image_f
     assert sum(len(y) for _, y in batches) == 16  # drop_last with batch 4
 
 
+def test_symlinks_outside_the_dataset_and_dangling_ones_are_reported(image_folder, tmp_path, caplog):
+    """A link leading outside the dataset is excluded unless data.follow_symlinks; a dangling one is listed too."""
+    root = image_folder()
+    outside = image_folder("elsewhere")
+    alpha = root / "train" / "001.Alpha"
+    (alpha / "outside.jpg").symlink_to(outside / "train" / "001.Alpha" / "001.Alpha_000.jpg")
+    (alpha / "inside.jpg").symlink_to(alpha / "001.Alpha_001.jpg")
+    (alpha / "dangling.jpg").symlink_to(tmp_path / "gone.jpg")
+    with caplog.at_level("WARNING", logger="dogbreed.data.layout"):
+        dm = datamodule(root, tmp_path)
+        dm.setup("fit")
+    assert len(dm.datasets["train"]) == 19  # 18 files + the link inside the dataset
+    excluded = {e["file"]: e["reason"] for e in dm.index.excluded}
+    assert set(excluded) == {"train/001.Alpha/outside.jpg", "train/001.Alpha/dangling.jpg"}
+    assert "data.follow_symlinks=true" in excluded["train/001.Alpha/outside.jpg"]
+    assert "dangling symlink" in excluded["train/001.Alpha/dangling.jpg"]
+    # the console names the files and why, not just a count
+    assert "train/001.Alpha/dangling.jpg: dangling symlink" in caplog.text
+    report = dm.write_report(tmp_path / "run")
+    assert json.loads(report.read_text())["excluded"] == dm.index.excluded
+
+    follow = datamodule(root, tmp_path, follow_symlinks=True)
+    follow.setup("fit")
+    assert len(follow.datasets["train"]) == 20
+    assert [e["file"] for e in follow.index.excluded] == ["train/001.Alpha/dangling.jpg"]
+
+
 def test_index_is_cached_until_files_change(image_folder, tmp_path, monkeypatch):
     root = image_folder()
     index_dir = tmp_path / "idx"

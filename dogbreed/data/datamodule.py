@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from dogbreed.data.cache import CachedImageDataset, DecodedImageCache, load_or_build
 from dogbreed.data.decode import DecodedImageDataset, auto_num_workers, check_decoder
 from dogbreed.data.device_aug import BatchAugment, UInt8Batch
-from dogbreed.data.layout import DataError, DatasetIndex, build_index
+from dogbreed.data.layout import REPORT_NAME, DataError, DatasetIndex, build_index, write_report
 from dogbreed.data.staging import default_cache_dir, stage, state_dir
 from dogbreed.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
@@ -35,6 +35,8 @@ class DogBreedDataModule(L.LightningDataModule):
         pin_memory: Page-locked batches for faster host-to-GPU copies.
         persistent_workers: Keep workers alive between epochs.
         verify_images: Decode every image once to exclude corrupt files before training.
+        follow_symlinks: Train on files that symlinks lead to outside the dataset folder (otherwise they are
+            excluded and listed in the data report, like dangling links).
         image_size, resize_size, mean, std, crop_scale, hflip, color_jitter: see :class:`Preprocessing`.
         decoder: ``torchvision`` (libjpeg-turbo for JPEGs, PIL for other formats) or ``pil``; same pixels.
         cache: Decode each image once into a memory-mapped uint8 cache (short side ``resize_size``) in the
@@ -59,6 +61,7 @@ class DogBreedDataModule(L.LightningDataModule):
         pin_memory: bool = False,
         persistent_workers: bool = False,
         verify_images: bool = True,
+        follow_symlinks: bool = False,
         image_size: int = 224,
         resize_size: int = 256,
         mean: Sequence[float] = IMAGENET_MEAN,
@@ -99,6 +102,7 @@ class DogBreedDataModule(L.LightningDataModule):
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers and num_workers > 0
         self.verify_images = verify_images
+        self.follow_symlinks = follow_symlinks
         self.preprocessing = Preprocessing(
             image_size=image_size, resize_size=resize_size, mean=tuple(mean), std=tuple(std),
             crop_scale=tuple(crop_scale), hflip=hflip, color_jitter=color_jitter,
@@ -120,7 +124,12 @@ class DogBreedDataModule(L.LightningDataModule):
     def _load_index(self) -> DatasetIndex:
         if self._index is None:
             root = stage(self.source, self.cache_dir, endpoint_url=self.endpoint_url)
-            index = build_index(root, verify=self.verify_images, index_dir=state_dir(self.source, self.cache_dir))
+            index = build_index(
+                root,
+                verify=self.verify_images,
+                index_dir=state_dir(self.source, self.cache_dir),
+                follow_symlinks=self.follow_symlinks,
+            )
             if self.expected_num_classes is not None and len(index.classes) != self.expected_num_classes:
                 raise DataError(
                     f"data.num_classes={self.expected_num_classes} but {self.source} has {len(index.classes)} class "
@@ -128,6 +137,12 @@ class DogBreedDataModule(L.LightningDataModule):
                 )
             self._index = index
         return self._index
+
+    def write_report(self, directory: str | Path) -> Path:
+        """Write the data report (counts, excluded files and why) into ``directory``, e.g. the run dir."""
+        path = Path(directory) / REPORT_NAME
+        write_report(self.index, path)
+        return path
 
     @property
     def index(self) -> DatasetIndex:

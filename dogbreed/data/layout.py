@@ -90,7 +90,9 @@ def find_split_dirs(root: Path) -> dict[str, Path]:
 
 
 def _list_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+    """Files and links to files under ``folder``, dangling links included (so that they can be reported)."""
+    found = (p for p in folder.rglob("*") if p.is_file() or (p.is_symlink() and not p.exists()))
+    return sorted(p for p in found if not p.name.startswith("."))
 
 
 def scan(root: str | Path) -> tuple[list[str], dict[str, dict[str, list[Path]]]]:
@@ -126,6 +128,19 @@ def scan(root: str | Path) -> tuple[list[str], dict[str, dict[str, list[Path]]]]
     return classes, files
 
 
+def _check_location(path: Path, root: Path, follow_symlinks: bool) -> str | None:
+    """Why a file is unusable by where it is: a dangling link, or (unless allowed) a link leading outside ``root``."""
+    if not path.exists():
+        return f"dangling symlink (to {os.readlink(path)}): the file it points to does not exist"
+    target = path.resolve()
+    if not follow_symlinks and not target.is_relative_to(root.resolve()):
+        return (
+            f"symlink leading outside the dataset folder (to {target}); copy the file into the dataset, or set "
+            "data.follow_symlinks=true to train on it"
+        )
+    return None
+
+
 def _check_image(path: Path) -> str | None:
     """Return why ``path`` is unusable, or None when it decodes."""
     if path.suffix.lower() not in IMAGE_EXTENSIONS:
@@ -137,16 +152,26 @@ def _check_image(path: Path) -> str | None:
     return None
 
 
+def _check_extension(path: Path) -> str | None:
+    return None if path.suffix.lower() in IMAGE_EXTENSIONS else "not an image file"
+
+
 def _fingerprint(files: Iterable[Path]) -> str:
     digest = hashlib.sha256()
     for path in files:
-        stat = path.stat()
-        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        target = path.resolve() if path.exists() else "-"  # a link keeps its name when retargeted
+        stat = path.stat() if path.exists() else path.lstat()
+        digest.update(f"{path}\0{target}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()
 
 
 def build_index(
-    root: str | Path, *, verify: bool = True, index_dir: str | Path | None = None, workers: int | None = None
+    root: str | Path,
+    *,
+    verify: bool = True,
+    index_dir: str | Path | None = None,
+    workers: int | None = None,
+    follow_symlinks: bool = False,
 ) -> DatasetIndex:
     """Scan ``root``, decode every image once (cached by file size and mtime), and return the usable set.
 
@@ -155,13 +180,15 @@ def build_index(
         verify: Decode each image to find corrupt ones; without it only extensions are checked.
         index_dir: Where the cached index and the report go (default: ``root`` itself).
         workers: Decoder threads (PIL releases the GIL while decoding).
+        follow_symlinks: Train on files that links lead to outside ``root`` (excluded and reported otherwise:
+            a dataset should hold what it trains on). Dangling links are always excluded and reported.
     """
     classes, files = scan(root)
     root = Path(root)
     all_files = [p for split in SPLITS for c in classes for p in files[split][c]]
     index_dir = Path(index_dir) if index_dir is not None else root
     cache_file = index_dir / f".dogbreed-index-{hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:12]}.json"
-    fingerprint = _fingerprint(all_files) + f":verify={verify}"
+    fingerprint = _fingerprint(all_files) + f":verify={verify}:follow_symlinks={follow_symlinks}"
     cached = _read_json(cache_file)
     if cached and cached.get("fingerprint") == fingerprint and cached.get("version") == _INDEX_VERSION:
         index = DatasetIndex(
@@ -173,7 +200,11 @@ def build_index(
         return _check_classes(index)
 
     log.info("Checking %d files under %s (once; the result is cached)", len(all_files), root)
-    check = _check_image if verify else lambda p: None if p.suffix.lower() in IMAGE_EXTENSIONS else "not an image file"
+    check_content = _check_image if verify else _check_extension
+
+    def check(path: Path) -> str | None:
+        return _check_location(path, root, follow_symlinks) or check_content(path)
+
     with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
         problems = dict(zip(all_files, pool.map(check, all_files), strict=True))
     samples: dict[str, list[tuple[str, int]]] = {}
@@ -189,7 +220,11 @@ def build_index(
                     excluded.append({"file": rel, "reason": problems[path]})
     index = DatasetIndex(root, classes, samples, excluded)
     if excluded:
-        log.warning("Excluded %d unusable file(s); see %s", len(excluded), index_dir / REPORT_NAME)
+        first = "; ".join(f"{e['file']}: {e['reason']}" for e in excluded[:3])
+        more = f"; and {len(excluded) - 3} more" if len(excluded) > 3 else ""
+        log.warning(
+            "Excluded %d unusable file(s): %s%s (all in %s)", len(excluded), first, more, index_dir / REPORT_NAME
+        )
     write_report(index, index_dir / REPORT_NAME)
     _write_json(cache_file, {**index.to_json(), "fingerprint": fingerprint})
     return _check_classes(index)
