@@ -59,7 +59,7 @@ def write_model_dir(
     if broken := non_finite_tensors(state):
         log.error(
             "The exported weights hold NaN/Inf in %d tensor(s), e.g. %s: training diverged and this model answers "
-            "NaN. Lower model.lr or add +trainer.gradient_clip_val=1.0 and train again; it cannot be packaged.",
+            "NaN. Lower model.lr or add trainer.gradient_clip_val=1.0 and train again; it cannot be packaged.",
             len(broken), broken[0],
         )  # fmt: skip
     tmp = model_dir / f".{MODEL_WEIGHTS}.tmp"

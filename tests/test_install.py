@@ -266,3 +266,16 @@ def test_launcher_errors_are_one_line_without_optuna(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 2, result.stderr[-3000:]
     assert "sagemaker.role is not set" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_launcher_help_is_usage_not_an_error(capsys: pytest.CaptureFixture[str]) -> None:
+    from dogbreed.sagemaker.__main__ import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: dogbreed-sagemaker {train,tune,deploy,analytics}") and "ERROR" not in out
+    with pytest.raises(SystemExit) as info:
+        main([])
+    assert info.value.code == 2 and "usage:" in capsys.readouterr().err

@@ -116,7 +116,7 @@ def build_package(
         raise ValueError(
             f"{model_dir / MODEL_WEIGHTS} holds NaN/Inf in {len(broken)} tensor(s), e.g. {broken[0]}: the training "
             "diverged and the endpoint would answer NaN. Train again with a lower model.lr (or "
-            "+trainer.gradient_clip_val=1.0); the run's report/rules.json names the rule that fired."
+            "trainer.gradient_clip_val=1.0); the run's report/rules.json names the rule that fired."
         )
     output = Path(output)
     with tempfile.TemporaryDirectory(prefix="dogbreed-package-") as tmp:
