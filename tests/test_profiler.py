@@ -215,3 +215,58 @@ def test_cuda_step_timings_and_gpu_samples(tmp_path: Path) -> None:
         assert results["LowGPUUtilization"]["status"] == NOT_APPLICABLE
     else:
         assert results["LowGPUUtilization"]["status"] in (ISSUES, NO_ISSUES)
+
+
+def test_system_monitor_records_the_training_process_tree(tmp_path: Path) -> None:
+    """proc_* beside the machine's figures: a busy DataLoader-like child counts towards the training's CPU."""
+    import multiprocessing
+
+    monitor = SystemMonitor(tmp_path / "system.jsonl", interval=0.1)
+    monitor.start()
+    child = multiprocessing.get_context("fork").Process(target=_burn, args=(0.6,))
+    child.start()
+    child.join()
+    time.sleep(0.2)
+    monitor.stop()
+    samples = [json.loads(line) for line in (tmp_path / "system.jsonl").read_text().splitlines()]
+    assert {"proc_cpu", "proc_mem_percent", "proc_mem_gb", "proc_count"} <= set(samples[0])
+    assert all(0 <= s["proc_cpu"] <= 100 and s["proc_mem_gb"] > 0 for s in samples)
+    assert max(s["proc_count"] for s in samples) >= 2  # the child was seen
+    cores = __import__("os").cpu_count() or 1
+    busy = sum(s["proc_cpu"] for s in samples) * 0.1 * cores / 100  # CPU seconds the tree used
+    assert busy > 0.3, samples  # most of the child's 0.6 s of spinning, even on a loaded machine
+
+
+def _burn(seconds: float) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass
+
+
+def contention_profile(machine: float, own: float, n: int = 40) -> ProfileData:
+    """``n`` samples during training with the machine's and the training processes' CPU share."""
+    system = [{"t": 100.0 + i * 0.5, "cpu": [machine], "cpu_total": machine, "mem_percent": 20, "iowait": 0,
+               "proc_cpu": own, "gpus": []} for i in range(n)]  # fmt: skip
+    return ProfileData(system=system, meta={"first_step": 100.0, "train_end": 100.0 + n * 0.5})
+
+
+def test_cpu_contention_fires_when_other_processes_take_the_cpu() -> None:
+    # a recorded contended run: the machine is full, the training gets a quarter of it
+    result = evaluate("CPUContention", contention_profile(machine=98, own=25))
+    assert result.status == ISSUES, result
+    assert "other processes 73%" in result.message and "training processes 25%" in result.message
+    assert "compete for the CPU" in result.recommendation
+
+
+@pytest.mark.parametrize(("machine", "own"), [(98, 95), (40, 10)], ids=["the-training-uses-the-cpu", "a-quiet-machine"])
+def test_cpu_contention_is_quiet_without_competition(machine: float, own: float) -> None:
+    assert evaluate("CPUContention", contention_profile(machine, own)).status == NO_ISSUES
+
+
+def test_cpu_contention_looks_at_the_training_loop_and_old_runs() -> None:
+    data = contention_profile(machine=98, own=25)
+    data.meta = {"first_step": 1000.0, "train_end": 2000.0}  # every sample before training: nothing to judge
+    assert evaluate("CPUContention", data).status == NOT_APPLICABLE
+    old = ProfileData(system=[{k: v for k, v in s.items() if k != "proc_cpu"} for s in data.system])
+    result = evaluate("CPUContention", old)  # recorded before proc_cpu existed
+    assert result.status == NOT_APPLICABLE and "proc_cpu" in result.message

@@ -351,6 +351,45 @@ class MaxInitializationTime(ProfilerRule):
         return self.result(NO_ISSUES, message)
 
 
+class CPUContention(ProfilerRule):
+    """Other processes took the CPU: for more than ``threshold`` % of the training loop the machine is above
+    ``cpu_threshold`` % busy while other processes than the training's own (main process + DataLoader workers)
+    use more than ``other_threshold`` % of all cores.
+
+    Not in SageMaker, whose instances run one job; on a shared machine it explains slow steps that no change
+    to the code would fix. Runs recorded without ``proc_cpu`` report ``NotApplicable``.
+    """
+
+    name = "CPUContention"
+    recommendation = (
+        "Steps are slower because other processes compete for the CPU, not because of the training code: run "
+        "when the machine is quiet, on a machine (or cores: taskset, a cgroup CPU quota) of its own, and compare "
+        "step times there before tuning data.num_workers or data.batch_size."
+    )
+
+    def __init__(self, threshold: float = 30, cpu_threshold: float = 90, other_threshold: float = 30):
+        self.threshold, self.cpu_threshold, self.other_threshold = threshold, cpu_threshold, other_threshold
+
+    def check(self, data: ProfileData) -> RuleResult:
+        start, end = data.meta.get("first_step") or -math.inf, data.meta.get("train_end") or math.inf
+        samples = [s for s in data.system if "proc_cpu" in s and start <= s["t"] <= end]
+        if not samples:
+            return self.result(
+                NOT_APPLICABLE, "not applicable: no per-process CPU samples (proc_cpu) during training in this run"
+            )
+        machine = np.asarray([s["cpu_total"] for s in samples], dtype=float)
+        own = np.asarray([s["proc_cpu"] for s in samples], dtype=float)
+        others = np.clip(machine - own, 0, 100)
+        contended = (machine > self.cpu_threshold) & (others > self.other_threshold)
+        share = float(np.mean(contended) * 100)
+        message = (
+            f"machine CPU > {self.cpu_threshold:g}% with other processes above {self.other_threshold:g}% of the "
+            f"cores for {share:.0f}% of training; median machine {np.median(machine):.0f}%, training processes "
+            f"{np.median(own):.0f}%, other processes {np.median(others):.0f}%"
+        )
+        return self.result(ISSUES if share > self.threshold else NO_ISSUES, message)
+
+
 class OverallSystemUsage(ProfilerRule):
     """A summary of CPU, memory and GPU usage; it never fires."""
 
@@ -360,10 +399,11 @@ class OverallSystemUsage(ProfilerRule):
         self.scan_interval_us = scan_interval_us
 
     def check(self, data: ProfileData) -> RuleResult:
-        parts = [
-            f"CPU p50/p95 {_pct(data.series('cpu_total'), 50):.0f}/{_pct(data.series('cpu_total'), 95):.0f}%",
-            f"memory p95 {_pct(data.series('mem_percent'), 95):.0f}%",
-        ]
+        cpu, own = data.series("cpu_total"), data.series("proc_cpu")
+        parts = [f"CPU p50/p95 {_pct(cpu, 50):.0f}/{_pct(cpu, 95):.0f}%"]
+        if own.size:  # recorded since the monitor samples the training's process tree
+            parts.append(f"training processes' CPU p50/p95 {_pct(own, 50):.0f}/{_pct(own, 95):.0f}%")
+        parts.append(f"memory p95 {_pct(data.series('mem_percent'), 95):.0f}%")
         if data.has_gpu:
             util, mem = data.gpu_series("util").ravel(), data.gpu_series("mem_percent").ravel()
             parts += [f"GPU p50/p95 {_pct(util, 50):.0f}/{_pct(util, 95):.0f}%", f"GPU memory p95 {_pct(mem, 95):.0f}%"]
@@ -374,7 +414,7 @@ PROFILER_RULES = {
     cls.name: cls
     for cls in (
         LowGPUUtilization, CPUBottleneck, IOBottleneck, BatchSize, GPUMemoryIncrease, StepOutlier, Dataloader,
-        MaxInitializationTime, OverallSystemUsage,
+        MaxInitializationTime, CPUContention, OverallSystemUsage,
     )
 }  # fmt: skip
 

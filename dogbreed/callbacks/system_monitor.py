@@ -3,7 +3,13 @@
 Each sample is one JSON line of ``<run>/profiler-output/system.jsonl``::
 
     {"t": 1767268800.5, "cpu": [12.0, 80.5], "cpu_total": 46.2, "mem_percent": 31.0, "mem_used_gb": 4.9,
-     "iowait": 0.3, "gpus": [{"util": 97.0, "mem_percent": 41.2}]}
+     "iowait": 0.3, "proc_cpu": 41.8, "proc_mem_percent": 12.5, "proc_mem_gb": 2.0, "proc_count": 3,
+     "gpus": [{"util": 97.0, "mem_percent": 41.2}]}
+
+``cpu``, ``cpu_total``, ``mem_*`` and ``iowait`` are the whole machine's; ``proc_*`` are the training's own
+process tree (the main process and its DataLoader workers), on the same scale as ``cpu_total`` and
+``mem_percent``, so the difference is what other processes took. Runs recorded before the ``proc_*`` fields
+existed lack them; readers treat a missing field as "not recorded".
 
 NVML comes from the optional ``nvidia-ml-py`` package (``pip install dogbreed[gpu]``); without it, or
 without a GPU, ``gpus`` is an empty list and nothing else changes.
@@ -55,7 +61,54 @@ class _Nvml:
                 self.pynvml.nvmlShutdown()
 
 
-def sample_system(nvml: _Nvml | None = None) -> dict[str, Any]:
+class ProcessTree:
+    """CPU and memory of one process and its descendants (DataLoader workers come and go between epochs).
+
+    CPU is measured from each process's CPU time between two samples rather than ``Process.cpu_percent``,
+    which reads 0 on its first call: a worker started between samples still counts for the time it ran.
+
+    Args:
+        pid: The root process (the training process by default).
+    """
+
+    def __init__(self, pid: int | None = None) -> None:
+        self.root = psutil.Process(pid)
+        self._last_times: dict[int, float] = {}
+        self._last_wall = time.monotonic()
+        self.sample()  # the baseline the first real sample measures from
+
+    def _processes(self) -> list[psutil.Process]:
+        try:
+            return [self.root, *self.root.children(recursive=True)]
+        except psutil.Error:  # the root itself is gone
+            return []
+
+    def sample(self) -> dict[str, Any]:
+        """``proc_cpu`` (% of all cores, like ``cpu_total``), ``proc_mem_percent``/``_gb`` (RSS), ``proc_count``."""
+        now = time.monotonic()
+        elapsed, self._last_wall = max(now - self._last_wall, 1e-6), now
+        cpu_seconds, rss, times = 0.0, 0, {}
+        for proc in self._processes():
+            try:
+                with proc.oneshot():
+                    used = proc.cpu_times()
+                    rss += proc.memory_info().rss
+            except psutil.Error:  # a worker that exited between listing and reading
+                continue
+            times[proc.pid] = used.user + used.system
+            cpu_seconds += times[proc.pid] - self._last_times.get(proc.pid, 0.0)
+        self._last_times = times
+        cores = psutil.cpu_count() or 1
+        return {
+            "proc_cpu": round(min(100.0, max(0.0, 100.0 * cpu_seconds / (elapsed * cores))), 1),
+            # forked workers share pages with the main process, so summed RSS overstates the tree a little
+            "proc_mem_percent": round(100.0 * rss / psutil.virtual_memory().total, 2),
+            "proc_mem_gb": round(rss / 2**30, 3),
+            "proc_count": len(times),
+        }
+
+
+def sample_system(nvml: _Nvml | None = None, tree: ProcessTree | None = None) -> dict[str, Any]:
     """One sample; CPU percentages are since the previous call (the first call of a process reads 0)."""
     per_core = psutil.cpu_percent(percpu=True)
     times = psutil.cpu_times_percent()
@@ -67,6 +120,7 @@ def sample_system(nvml: _Nvml | None = None) -> dict[str, Any]:
         "mem_percent": mem.percent,
         "mem_used_gb": round((mem.total - mem.available) / 2**30, 3),
         "iowait": float(getattr(times, "iowait", 0.0)),
+        **(tree.sample() if tree else {}),
         "gpus": nvml.sample() if nvml else [],
     }
 
@@ -77,13 +131,15 @@ class SystemMonitor:
     Args:
         path: The JSON-lines file (appended to, so fit and test of one run share it).
         interval: Seconds between samples (SageMaker's default is 500 ms).
+        pid: The process whose tree ``proc_*`` describes; the calling (training) process by default.
     """
 
-    def __init__(self, path: str | Path, interval: float = 0.5) -> None:
+    def __init__(self, path: str | Path, interval: float = 0.5, pid: int | None = None) -> None:
         if interval <= 0:
             raise ValueError(f"callbacks.profiler.monitor_interval must be > 0 seconds, got {interval}.")
         self.path = Path(path)
         self.interval = interval
+        self.pid = pid
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -110,9 +166,10 @@ class SystemMonitor:
         psutil.cpu_percent(percpu=True)  # prime the counters: the first reading is meaningless
         psutil.cpu_times_percent()
         try:
+            tree = ProcessTree(self.pid)
             with open(self.path, "a") as f:
                 while not self._stop.wait(self.interval):
-                    f.write(json.dumps(sample_system(nvml)) + "\n")
+                    f.write(json.dumps(sample_system(nvml, tree)) + "\n")
                     f.flush()
         except Exception:  # never take training down with the monitor
             log.exception("System monitor stopped")
