@@ -32,7 +32,15 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from dogbreed.config import CONFIG_DIR, TuneConfigError, search_space
 from dogbreed.data import DataError
 from dogbreed.models import WeightsError
-from dogbreed.report.tuning import BEST_OVERRIDES, PLOT_DIR, STUDY_JSON, TRIAL_COLUMNS, TRIALS_CSV, report_tuning
+from dogbreed.report.tuning import (
+    BEST_OVERRIDES,
+    PLOT_DIR,
+    STUDY_JSON,
+    TRIAL_COLUMNS,
+    TRIALS_CSV,
+    readable_parallel_coordinate,
+    report_tuning,
+)
 from dogbreed.train import train
 
 log = logging.getLogger(__name__)
@@ -321,7 +329,7 @@ def write_plots(study: optuna.Study, plot_dir: Path) -> None:
     plots = {
         "optimization_history": ovm.plot_optimization_history,
         "param_importances": ovm.plot_param_importances,
-        "parallel_coordinate": ovm.plot_parallel_coordinate,
+        "parallel_coordinate": lambda s: readable_parallel_coordinate(ovm.plot_parallel_coordinate(s)),
     }
     for name, plot in plots.items():
         with warnings.catch_warnings():

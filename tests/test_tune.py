@@ -176,3 +176,31 @@ def test_tuning_report_renders_before_a_trial_completed(tmp_path: Path, trials: 
     assert "No trial has completed yet" in html and "python -m dogbreed.train" not in html
     assert "<img" not in html and html.count("Not drawn") == len(PLOTS)
     assert list(trial_rows(html)) == list(range(len(trials)))
+
+
+@pytest.mark.filterwarnings("ignore:Attempting to set identical low and high ylims")  # one batch size
+@pytest.mark.parametrize("direction", ["maximize", "minimize"])
+def test_parallel_coordinates_draw_every_trial_visibly(tmp_path: Path, direction: str) -> None:
+    """Optuna draws the worst trial white on its light-grey background; every line must stand out from it."""
+    from matplotlib.collections import LineCollection
+    from matplotlib.colors import to_rgb
+    from optuna.visualization import matplotlib as ovm
+
+    from dogbreed.report.tuning import readable_parallel_coordinate
+
+    def luminance(rgb: tuple[float, ...]) -> float:
+        linear = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in rgb[:3]]
+        return 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
+
+    study = optuna.create_study(direction=direction)  # minimize reverses Optuna's colour scale
+    study.add_trials(finished_study([(TrialState.COMPLETE, v, lr, 2) for v, lr in [(0.05, 1e-5), (0.5, 1e-3),
+                                                                                   (0.9, 2e-3)]]).trials)  # fmt: skip
+    ax = readable_parallel_coordinate(ovm.plot_parallel_coordinate(study))
+    lines = next(c for c in ax.collections if isinstance(c, LineCollection))
+    background = luminance(to_rgb(ax.get_facecolor()))
+    colours = lines.to_rgba(lines.get_array())
+    contrast = [(background + 0.05) / (luminance(c) + 0.05) for c in colours]
+    assert min(contrast) > 1.6, contrast  # Optuna's own: about 1, the worst trial as light as the background
+
+    tune_mod.write_results(study, tmp_path, metric="val/acc")  # the PNG the report embeds is drawn this way
+    assert (tmp_path / "plots" / "parallel_coordinate.png").is_file()

@@ -14,6 +14,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.collections import LineCollection
+from matplotlib.colors import ListedColormap
+
 from dogbreed.report._html import img, page, read_csv, seconds, table
 from dogbreed.report.builder import REPORT_DIR
 
@@ -37,6 +42,20 @@ PLOTS = {
 def is_tuning_dir(run_dir: str | Path) -> bool:
     """A tuning run dir has ``trials.csv``; a training run dir does not."""
     return (Path(run_dir) / TRIALS_CSV).is_file()
+
+
+def readable_parallel_coordinate(ax: Axes) -> Axes:
+    """Make every trial visible in Optuna's parallel-coordinates plot (``plots/parallel_coordinate.png``).
+
+    Optuna colours the lines with ``Blues`` from its white end, so the worst trial is drawn white on the
+    light background and disappears; keep the hue (darker is better) but start at a mid blue, and widen the lines.
+    """
+    for lines in (c for c in ax.collections if isinstance(c, LineCollection)):
+        cmap = lines.get_cmap()
+        low, high = (0.0, 0.55) if cmap.name.endswith("_r") else (0.45, 1.0)  # _r: minimised, best is low
+        lines.set_cmap(ListedColormap(cmap(np.linspace(low, high, 256)), name=f"{cmap.name}_visible"))
+        lines.set_linewidth(2.0)
+    return ax
 
 
 def _number(text: str) -> str:
