@@ -5,6 +5,7 @@ from dogbreed.callbacks.debugger import Debugger
 from dogbreed.callbacks.finetuning import BackboneFreezeUnfreeze
 from dogbreed.callbacks.metrics_log import LogMetrics, format_metrics
 from dogbreed.callbacks.profiler import Profiler
+from dogbreed.callbacks.resume import ResumeState
 from dogbreed.callbacks.rules import RuleResult
 from dogbreed.callbacks.smdebug_bridge import SMDebugBridge
 
@@ -13,6 +14,7 @@ __all__ = [
     "Debugger",
     "LogMetrics",
     "Profiler",
+    "ResumeState",
     "RuleResult",
     "SMDebugBridge",
     "Trial",

@@ -1,5 +1,8 @@
 """The debugger's tensor files under ``<run>/debug-output/`` and ``load_trial``, the reader.
 
+Steps count on across a resume from a checkpoint: the resumed run drops what the interrupted one wrote
+past its checkpoint and goes on from there.
+
 Format (JSON lines, one object per line, append-only so a crashed run keeps what it wrote):
 
 ``losses.jsonl``
@@ -32,6 +35,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from dogbreed.callbacks._jsonl import keep_records
 
 DEBUG_DIR = "debug-output"
 LOSSES = "losses.jsonl"
@@ -69,8 +74,21 @@ class DebugWriter:
     def __init__(self, run_dir: str | Path) -> None:
         self.dir = Path(run_dir) / DEBUG_DIR
         self.dir.mkdir(parents=True, exist_ok=True)
+        self._open()
+
+    def _open(self) -> None:
         self._losses = open(self.dir / LOSSES, "a")  # noqa: SIM115 - kept open for the whole run
         self._tensors = open(self.dir / TENSORS, "a")  # noqa: SIM115
+
+    def drop_from(self, step: int, eval_step: int) -> None:
+        """Forget training records from ``step`` on and validation records from ``eval_step`` on.
+
+        A run resumed from a checkpoint records those steps again; the killed process may have written some.
+        """
+        self.close()
+        for name in (LOSSES, TENSORS):
+            keep_records(self.dir / name, lambda r: r["step"] < (eval_step if r["mode"] == "eval" else step))
+        self._open()
 
     def write_losses(self, records: Iterable[dict[str, Any]]) -> None:
         for rec in records:

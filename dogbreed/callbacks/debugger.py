@@ -4,7 +4,8 @@ Losses are kept every step; per-layer reductions of weights, gradients and activ
 ``save_interval`` training steps (``eval_save_interval`` validation steps), written under
 ``<run>/debug-output/`` (format: :mod:`dogbreed.callbacks.debug_output`). Hooks are attached only on
 the steps that save, and the other steps keep their losses on the device until the next flush, so
-the default intervals cost a few percent of the step time.
+the default intervals cost a few percent of the step time. Step counters are in the checkpoint, so a
+resumed run goes on numbering where its checkpoint was taken.
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ class Debugger(Callback):
         self.writer: DebugWriter | None = None
         self.step = 0
         self.eval_step = 0
+        self._loaded: dict[str, Any] | None = None
         self._saving = False
         self._full = False  # a save_interval step (everything) rather than a step a rule asked for (ReLU inputs)
         self._mode = "train"  # which pass the hooks see: train or eval
@@ -187,6 +189,11 @@ class Debugger(Callback):
         log.info("Debugger: tensors and rule results in %s", self.writer.dir)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._loaded is not None:  # resuming: count on from the checkpoint, drop what was written past it
+            self.step, self.eval_step = self._loaded["step"], self._loaded["eval_step"]
+            self._loaded = None
+            if self.writer:
+                self.writer.drop_from(self.step, self.eval_step)
         context: dict[str, Any] = {"class_counts": None, "class_names": None}
         datamodule = getattr(trainer, "datamodule", None)
         index = getattr(datamodule, "index", None) if datamodule is not None else None
@@ -345,6 +352,15 @@ class Debugger(Callback):
         self.write_results()
         for rule in self.rules:
             log.info("Debugger rule %s: %s %s", rule.name, rule.result.status, rule.result.message)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        self._flush_losses()  # what led up to the checkpoint survives a kill
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "eval_step": self.eval_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._loaded = state_dict  # applied if this is a fit resuming; testing a checkpoint loads it too
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._detach()

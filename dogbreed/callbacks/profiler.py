@@ -6,6 +6,7 @@ seconds; ``duration`` is the whole iteration including the wait for the batch), 
 timeline: ``created``, ``first_step``, ``train_end``, ``end``, and the dataloader set-up), and
 ``rule-results.json``. With ``trace_steps=[start, stop]`` it also keeps a ``torch.profiler`` trace of those
 steps (``trace.json``, open in Perfetto or chrome://tracing) and the top operators (``top_ops.txt``/``.json``).
+Steps count on across a resume from a checkpoint, like the debugger's.
 
 On CUDA, forward/backward/optimizer times come from CUDA events read once the GPU has passed them, so
 timing never forces a synchronisation.
@@ -25,6 +26,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from dogbreed.callbacks._jsonl import keep_records
 from dogbreed.callbacks.profiler_rules import (
     META,
     PROFILER_DIR,
@@ -110,6 +112,7 @@ class Profiler(Callback):
         self.monitor: SystemMonitor | None = None
         self.meta: dict[str, Any] = {"created": self.created}
         self.step = 0
+        self._loaded: dict[str, Any] | None = None
         self._steps_file: Any = None
         self._pending: list[tuple[dict[str, Any], _StepClock]] = []
         self._clock: _StepClock | None = None
@@ -128,6 +131,13 @@ class Profiler(Callback):
         self._steps_file = open(self.dir / STEPS, "a")  # noqa: SIM115 - closed in teardown
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._loaded is not None:  # resuming: count on from the checkpoint, drop what was written past it
+            self.step = self._loaded["step"]
+            self._loaded = None
+            if self._steps_file:
+                self._steps_file.close()
+                keep_records(self.dir / STEPS, lambda r: r["step"] < self.step)
+                self._steps_file = open(self.dir / STEPS, "a")  # noqa: SIM115 - closed in teardown
         self.meta.update(
             fit_start=time.time(),
             cpu_count=os.cpu_count(),
@@ -240,6 +250,17 @@ class Profiler(Callback):
         (self.dir / META).write_text(json.dumps(self.meta, indent=2))
         results = evaluate_profiler_rules(load_profile(self.dir), self.rules)
         (self.dir / RULE_RESULTS).write_text(json.dumps([r.to_dict() for r in results], indent=2))
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        self._write_ready(force=True)  # the steps that led up to the checkpoint survive a kill
+        if self._steps_file:
+            self._steps_file.flush()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._loaded = state_dict  # applied if this is a fit resuming; testing a checkpoint loads it too
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if self._torch_profiler is not None:
