@@ -1,31 +1,39 @@
 """Train, test with the best checkpoint, and export the model: ``python -m dogbreed.train [overrides]``.
 
 ``train(cfg)`` is the one path from a composed config to a run directory; the Hydra entry point, the
-tuner and the SageMaker container all call it.
+tuner and the SageMaker container all call it. ``python -m dogbreed.train resume=RUN_DIR [overrides]``
+continues an interrupted run in its own directory, with its own overrides, from its ``last.ckpt``.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dogbreed.artifacts import write_model_dir, write_test_results
+from dogbreed.callbacks import ResumeState
 from dogbreed.config import CONFIG_DIR
 from dogbreed.data import DataError, DogBreedDataModule
 from dogbreed.models import DogBreedClassifier, WeightsError
 from dogbreed.report import report_run
 
 log = logging.getLogger(__name__)
+
+LAST_CHECKPOINT = "last.ckpt"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or run directory to resume from that is not there."""
 
 
 def instantiate_group(group: DictConfig | None, kind: str) -> list[Any]:
@@ -36,6 +44,49 @@ def instantiate_group(group: DictConfig | None, kind: str) -> list[Any]:
             log.info("Instantiating %s %s <%s>", kind, name, conf._target_)
             objects.append(instantiate(conf))
     return objects
+
+
+def resolve_ckpt_path(ckpt_path: str | None, checkpoint_dir: str | Path) -> str | None:
+    """The checkpoint to start from: an existing file, or ``last`` -> ``<checkpoint_dir>/last.ckpt``; None for none.
+
+    Lightning would train from scratch on a ``last`` it cannot find and fail with a long traceback on a
+    missing path; both are a one-line :class:`CheckpointError` here. URLs are left for Lightning to open.
+    """
+    if not ckpt_path:
+        return None
+    if ckpt_path == "last":
+        path = Path(checkpoint_dir) / LAST_CHECKPOINT
+        if not path.is_file():
+            raise CheckpointError(
+                f"ckpt_path=last but {checkpoint_dir} has no {LAST_CHECKPOINT} (no epoch finished there): resume a run "
+                "with resume=RUN_DIR, or give ckpt_path=PATH/TO/last.ckpt."
+            )
+        return str(path)
+    if "://" not in ckpt_path and not Path(ckpt_path).is_file():
+        raise CheckpointError(
+            f"ckpt_path={ckpt_path} does not exist: give an existing .ckpt file, or resume a run with resume=RUN_DIR."
+        )
+    return ckpt_path
+
+
+def resume_overrides(run_dir: str | Path, given: Sequence[str]) -> list[str]:
+    """The overrides that continue the run in ``run_dir``: its own, then ``given`` (which win), then its ``last.ckpt``.
+
+    Hydra keeps a run's overrides in ``RUN_DIR/.hydra/overrides.yaml``; composing them again gives the
+    run's config, and ``hydra.run.dir`` sends the continuation into the same directory.
+    """
+    run = Path(run_dir).expanduser().absolute()
+    saved = run / ".hydra" / "overrides.yaml"
+    if not saved.is_file():
+        raise CheckpointError(
+            f"resume={run_dir}: {saved} is missing; give a run directory that python -m dogbreed.train wrote "
+            "(outputs/train/runs/<time>)."
+        )
+    parser = OverridesParser.create()
+    replaced = {o.key_or_group for o in parser.parse_overrides(list(given))} | {"ckpt_path"}
+    own = [o.input_line for o in parser.parse_overrides(list(OmegaConf.load(saved))) if o.key_or_group not in replaced]
+    quoted = str(run).replace("\\", "\\\\").replace("'", "\\'")
+    return [*own, *given, f"hydra.run.dir='{quoted}'", "ckpt_path=last"]
 
 
 def train(cfg: DictConfig, extra_callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
@@ -49,7 +100,8 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[Callback] = ()) -> dict[str
         The test metrics, ``best_<monitor>`` of the checkpoint callback and ``objective``: the value of
         ``cfg.optimized_metric`` (what a tuner maximises).
     """
-    start = time.perf_counter()
+    resume_state = ResumeState()  # the run's clock, counting earlier processes of a resumed run
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.checkpoint_dir)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
 
@@ -62,7 +114,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[Callback] = ()) -> dict[str
 
     log.info("Instantiating model <%s>", cfg.model._target_)
     model: DogBreedClassifier = instantiate(cfg.model)
-    callbacks = [*instantiate_group(cfg.get("callbacks"), "callback"), *extra_callbacks]
+    callbacks = [resume_state, *instantiate_group(cfg.get("callbacks"), "callback"), *extra_callbacks]
     loggers = instantiate_group(cfg.get("logger"), "logger")
     log.info("Instantiating trainer <%s>", cfg.trainer._target_)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
@@ -70,7 +122,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[Callback] = ()) -> dict[str
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
     if cfg.get("train", True):
-        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     checkpoint = trainer.checkpoint_callback
     best_path = checkpoint.best_model_path if checkpoint else ""
@@ -79,7 +131,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[Callback] = ()) -> dict[str
         metrics[f"best_{checkpoint.monitor}"] = float(checkpoint.best_model_score)
 
     if cfg.get("test", True):
-        ckpt = best_path or (cfg.get("ckpt_path") if not cfg.get("train", True) else None)
+        ckpt = best_path or (ckpt_path if not cfg.get("train", True) else None)
         if not ckpt:
             log.warning("No best checkpoint to test; testing the weights as they are.")
         test_metrics = trainer.test(model, datamodule=datamodule, ckpt_path=ckpt or None)[0]
@@ -92,7 +144,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[Callback] = ()) -> dict[str
             write_test_results(
                 cfg.paths.output_dir, test_metrics, model.test_confusion, datamodule.class_names,
                 best_checkpoint=best_path or None, epochs=trainer.current_epoch,
-                wall_time_s=round(time.perf_counter() - start, 1),
+                wall_time_s=round(resume_state.wall_time_s, 1),
             )  # fmt: skip
             log.info(
                 "Model written to %s; test metrics in %s",
@@ -107,18 +159,33 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[Callback] = ()) -> dict[str
     if objective_key:
         objective = metrics.get(f"best_{objective_key}", metrics.get(objective_key))
         metrics["objective"] = objective
-    log.info("Done in %.1f s", time.perf_counter() - start)
+    log.info("Done in %.1f s", resume_state.wall_time_s)
     return metrics
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def _run(cfg: DictConfig) -> float | None:
     """Hydra entry point; user errors end with one clear message instead of a traceback."""
     try:
         return train(cfg).get("objective")
-    except (DataError, WeightsError) as err:
+    except (CheckpointError, DataError, WeightsError) as err:
         log.error("%s", err)
         sys.exit(2)
+
+
+def main() -> float | None:
+    """``python -m dogbreed.train [resume=RUN_DIR] [overrides]``: ``resume`` becomes the run's own overrides."""
+    args = sys.argv[1:]
+    resume = [a for a in args if a.startswith("resume=")]
+    if resume:
+        given = [a for a in args if "=" in a and not a.startswith("-") and a not in resume]
+        flags = [a for a in args if a not in given and a not in resume]
+        try:
+            sys.argv = [sys.argv[0], *flags, *resume_overrides(resume[-1].removeprefix("resume="), given)]
+        except CheckpointError as err:
+            print(f"Error: {err}", file=sys.stderr)
+            sys.exit(2)
+    return _run()
 
 
 if __name__ == "__main__":

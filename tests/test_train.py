@@ -9,6 +9,7 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+import torch
 from omegaconf import open_dict
 
 from dogbreed.artifacts import read_model_dir
@@ -66,14 +67,17 @@ def test_a_run_killed_mid_epoch_resumes_without_redoing_finished_epochs(demo_cfg
     with pytest.raises(_Crash):
         train(demo_cfg, extra_callbacks=[_CrashMidEpoch()])
     last = Path(demo_cfg.paths.checkpoint_dir) / "last.ckpt"
-    assert last.is_file()
+    assert torch.load(last, weights_only=True)["epoch"] == 0  # the last finished epoch, whether best or not
     with open_dict(demo_cfg):
         demo_cfg.ckpt_path = str(last)
     seen = _EpochsStarted()
     train(demo_cfg, extra_callbacks=[seen])
     assert seen.started == [1, 2]  # epoch 0 finished before the crash and is not redone
     assert len(list(Path(demo_cfg.paths.output_dir).glob("csv/version_*/metrics.csv"))) == 2  # no log overwritten
-    assert json.loads(Path(demo_cfg.paths.output_dir, "metrics.json").read_text())["epochs"] == 3
+    saved = json.loads(Path(demo_cfg.paths.output_dir, "metrics.json").read_text())
+    assert saved["epochs"] == 3
+    assert torch.load(last, weights_only=True)["epoch"] == 2
+    assert Path(saved["best_checkpoint"]).name.startswith("epoch_")  # tested and exported: the best, not the last
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
