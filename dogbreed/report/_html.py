@@ -30,15 +30,18 @@ pre{background:#f8f8f8;padding:.6em 1em;white-space:pre-wrap;word-break:break-al
 def table(
     headers: list[str], rows: list[list[Any]], raw: set[int] | None = None, row_classes: Sequence[str] = ()
 ) -> str:
-    """An HTML table; cells are escaped unless their column is in ``raw``, rows may carry a CSS class."""
+    """An HTML table; cells are escaped unless their column is in ``raw``, rows may carry a CSS class.
+
+    All-empty ``headers`` (a key/value table) give no header row rather than an empty grey one.
+    """
     raw = raw or set()
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    head = f"<tr>{''.join(f'<th>{html.escape(h)}</th>' for h in headers)}</tr>" if any(headers) else ""
     body = ""
     for n, row in enumerate(rows):
         css = row_classes[n] if n < len(row_classes) else ""
         cells = "".join(f"<td>{c if i in raw else html.escape(str(c))}</td>" for i, c in enumerate(row))
         body += f'<tr class="{css}">{cells}</tr>' if css else f"<tr>{cells}</tr>"
-    return f"<table><tr>{head}</tr>{body}</table>"
+    return f"<table>{head}{body}</table>"
 
 
 def img(b64: str | None, alt: str) -> str:

@@ -56,7 +56,8 @@ def _rules_section(results: list[RuleResult]) -> str:
     if fired:
         lead = f"<div class='box'><b>{len(fired)} of {len(results)} rules found issues.</b> What to change:<ul>"
         lead += "".join(
-            f"<li><b>{html.escape(r.name)}</b> (step {r.step}): {html.escape(r.message)}. "
+            f"<li><b>{html.escape(r.name)}</b>{'' if r.step is None else f' (step {r.step})'}: "
+            f"{html.escape(r.message)}. "
             f"{html.escape(r.recommendation)}</li>"
             for r in fired
         )
@@ -94,8 +95,13 @@ def _system_table(profile: ProfileData) -> str:
             return [name, "-", "-", "-", "-"]
         return [name, *(f"{np.percentile(values, q):.1f}" for q in (5, 50, 95)), f"{values.max():.1f}"]
 
-    rows = [row("CPU total %", profile.series("cpu_total")), row("memory %", profile.series("mem_percent")),
-            row("I/O wait %", profile.series("iowait"))]  # fmt: skip
+    rows = [row("CPU total % (machine)", profile.series("cpu_total"))]
+    if profile.series("proc_cpu").size:  # runs recorded before the monitor sampled the process tree lack it
+        rows.append(row("CPU % of the training processes", profile.series("proc_cpu")))
+    rows.append(row("memory % (machine)", profile.series("mem_percent")))
+    if profile.series("proc_mem_percent").size:
+        rows.append(row("memory % of the training processes", profile.series("proc_mem_percent")))
+    rows.append(row("I/O wait %", profile.series("iowait")))
     cores = np.asarray([s["cpu"] for s in profile.system], dtype=float)
     if cores.ndim == 2 and cores.size:
         rows += [row(f"CPU core {i} %", cores[:, i]) for i in range(min(cores.shape[1], 16))]

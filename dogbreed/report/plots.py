@@ -12,9 +12,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 
 from dogbreed.callbacks.debug_output import Trial
 from dogbreed.callbacks.profiler_rules import ProfileData
+
+# text in points: 10 pt at the report's 90 dpi is 12.5 px, next to the page's 14 px table text
+FONT = 10
 
 
 def to_base64(fig: plt.Figure) -> str:
@@ -25,31 +29,51 @@ def to_base64(fig: plt.Figure) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def _timed(data: ProfileData, key: str, t0: float) -> tuple[np.ndarray, np.ndarray]:
+    """Seconds since ``t0`` and values of the samples that have ``key`` (older runs lack the ``proc_*`` fields)."""
+    rows = [(s["t"] - t0, s[key]) for s in data.system if key in s]
+    return (np.asarray([r[0] for r in rows], dtype=float), np.asarray([r[1] for r in rows], dtype=float))
+
+
+def _legend_outside(ax: plt.Axes) -> None:
+    """Legend right of the panel, so it never hides the lines (CPU often sits at 100 %, under an inner legend)."""
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=FONT, frameon=False)
+
+
 def system_timeline(data: ProfileData) -> str | None:
+    """CPU and memory of the machine beside those of the training processes (main + DataLoader workers), GPUs."""
     if not data.system:
         return None
-    t = data.series("t")
-    t = t - t[0]
+    t0 = data.system[0]["t"]
     panels = 2 + int(data.has_gpu)
-    fig, axes = plt.subplots(panels, 1, figsize=(10, 2.4 * panels), sharex=True)
+    fig, axes = plt.subplots(panels, 1, figsize=(11, 2.6 * panels), sharex=True)
     cores = np.asarray([s["cpu"] for s in data.system], dtype=float)
-    axes[0].plot(t, data.series("cpu_total"), label="CPU total", color="C0")
+    t, total = _timed(data, "cpu_total", t0)
     if cores.ndim == 2 and cores.shape[1] <= 16:
         for i in range(cores.shape[1]):
-            axes[0].plot(t, cores[:, i], lw=0.6, alpha=0.4, color="C0")
-    axes[0].plot(t, data.series("iowait"), label="I/O wait", color="C3")
-    axes[0].set_ylabel("CPU %")
+            axes[0].plot(t, cores[:, i], lw=0.6, alpha=0.35, color="C0", label="machine, per core" if i == 0 else None)
+    axes[0].plot(t, total, color="C0", label="machine, all processes")
+    own_t, own = _timed(data, "proc_cpu", t0)
+    if own.size:
+        axes[0].plot(own_t, own, color="C1", lw=1.6, label="training processes")
+    axes[0].plot(*_timed(data, "iowait", t0), color="C3", lw=0.8, label="I/O wait")
+    axes[0].set_ylabel("CPU % of all cores")
     axes[0].set_ylim(0, 105)
-    axes[0].legend(loc="upper right", fontsize=8)
-    axes[1].plot(t, data.series("mem_percent"), color="C2")
+    _legend_outside(axes[0])
+    axes[1].plot(*_timed(data, "mem_percent", t0), color="C2", label="machine, used")
+    own_t, own = _timed(data, "proc_mem_percent", t0)
+    if own.size:
+        axes[1].plot(own_t, own, color="C1", lw=1.6, label="training processes (RSS)")
     axes[1].set_ylabel("memory %")
+    axes[1].set_ylim(bottom=0)
+    _legend_outside(axes[1])
     if data.has_gpu:
         util, mem = data.gpu_series("util"), data.gpu_series("mem_percent")
         for g in range(util.shape[1]):
             axes[2].plot(t[: len(util)], util[:, g], label=f"GPU{g} util")
             axes[2].plot(t[: len(mem)], mem[:, g], ls="--", label=f"GPU{g} memory")
         axes[2].set_ylabel("GPU %")
-        axes[2].legend(loc="upper right", fontsize=8)
+        _legend_outside(axes[2])
     axes[-1].set_xlabel("seconds since the monitor started")
     return to_base64(fig)
 
@@ -72,7 +96,7 @@ def step_plots(data: ProfileData, stddev: float = 3.0) -> str | None:
     ax1.set_xlabel("training step")
     ax1.set_ylabel("ms")
     ax1.set_yscale("log")
-    ax1.legend(fontsize=8)
+    ax1.legend(fontsize=FONT, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=3, frameon=False)
     ax2.hist(steady, bins=min(50, max(5, len(steady) // 3)), color="C0")
     ax2.axvline(limit, color="red", lw=0.8, ls="--")
     ax2.set_xlabel("step duration (ms, first step excluded)")
@@ -108,17 +132,19 @@ def loss_curves(trial: Trial | None, metrics_csv: list[dict[str, str]]) -> str |
             xs = [e for e in sorted(epochs) if key in epochs[e]]
             ax1.plot(xs, [epochs[e][key] for e in xs], "o-", label=key)
         ax1.set_xlabel("epoch")
+        ax1.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax1.set_ylabel("loss")
-    ax1.legend(fontsize=8)
+    ax1.legend(fontsize=FONT, loc="best")
     for key in ("train/acc", "val/acc", "val/acc_top5"):
         xs = [e for e in sorted(epochs) if key in epochs[e]]
         if xs:
             ax2.plot(xs, [epochs[e][key] for e in xs], "o-", label=key)
     ax2.set_xlabel("epoch")
+    ax2.xaxis.set_major_locator(MaxNLocator(integer=True))  # no "epoch 0.25"
     ax2.set_ylabel("accuracy")
-    ax2.set_ylim(0, 1)
+    ax2.set_ylim(0, 1.05)  # a curve at 1.0 stays off the frame
     if epochs:
-        ax2.legend(fontsize=8)
+        ax2.legend(fontsize=FONT, loc="best")
     return to_base64(fig)
 
 
@@ -137,44 +163,70 @@ def _epoch_metrics(rows: list[dict[str, str]]) -> dict[int, dict[str, float]]:
     return out
 
 
-def gradient_norms(trial: Trial | None, max_layers: int = 40) -> str | None:
-    """Heatmap of log10 L2 gradient norm per layer (rows) and saved step (columns)."""
-    if trial is None:
-        return None
+def gradient_grid(trial: Trial, max_layers: int = 40) -> tuple[list[str], list[int], np.ndarray]:
+    """Layer names, the steps that saved gradients, and ``log10`` L2 norms (layers x steps, NaN where unsaved).
+
+    Only steps that saved gradients get a column: the debugger also saves steps with ReLU inputs alone (for
+    ``dead_relu``), which would be blank columns here.
+    """
     names = [n for n in trial.tensor_names("gradients", mode="train") if n.endswith("weight")]
-    if not names:
-        return None
     if len(names) > max_layers:
         names = [names[i] for i in np.linspace(0, len(names) - 1, max_layers).astype(int)]
-    steps = trial.steps("train")
+    series = {name: trial.tensor(name, "l2") for name in names}
+    steps = sorted({int(s) for saved, _ in series.values() for s in saved})
     grid = np.full((len(names), len(steps)), np.nan)
     col = {s: i for i, s in enumerate(steps)}
     for row, name in enumerate(names):
-        for s, v in zip(*trial.tensor(name, "l2"), strict=True):
+        for s, v in zip(*series[name], strict=True):
             grid[row, col[int(s)]] = math.log10(v) if v > 0 and math.isfinite(v) else np.nan
-    fig, ax = plt.subplots(figsize=(11, 0.22 * len(names) + 1.6))
+    return names, steps, grid
+
+
+def gradient_figure(trial: Trial, max_layers: int = 40, max_labels: int = 40) -> plt.Figure | None:
+    """Heatmap of log10 L2 gradient norm per layer (rows) and gradient-saving step (columns, each labelled
+    up to ``max_labels`` columns, every k-th beyond)."""
+    names, steps, grid = gradient_grid(trial, max_layers)
+    if not names:
+        return None
+    fig, ax = plt.subplots(figsize=(11, 0.24 * len(names) + 1.8))
     image = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
     fig.colorbar(image, ax=ax, label="log10 ‖gradient‖₂")
-    ax.set_yticks(range(len(names)), [n.removeprefix("gradients/") for n in names], fontsize=7)
-    ticks = np.linspace(0, len(steps) - 1, min(len(steps), 12)).astype(int)
-    ax.set_xticks(ticks, [steps[i] for i in ticks], fontsize=7)
-    ax.set_xlabel("training step (saved steps)")
-    return to_base64(fig)
+    ax.set_yticks(range(len(names)), [n.removeprefix("gradients/") for n in names], fontsize=FONT)
+    ticks = range(0, len(steps), math.ceil(len(steps) / max_labels))
+    ax.set_xticks(ticks, [steps[i] for i in ticks], fontsize=FONT, rotation=90 if len(ticks) > 16 else 0)
+    ax.set_xlabel("training step (steps that saved gradients)")
+    return fig
+
+
+def gradient_norms(trial: Trial | None) -> str | None:
+    fig = gradient_figure(trial) if trial is not None else None
+    return to_base64(fig) if fig is not None else None
+
+
+def confusion_figure(matrix: list[list[int]], names: list[str]) -> plt.Figure:
+    """Row-normalised confusion matrix; class names at a readable size, every k-th one when they cannot all fit.
+
+    The figure is at most as wide as the report (1,100 px at 90 dpi) so the browser never shrinks its text.
+    """
+    m = np.asarray(matrix, dtype=float)
+    norm = m / np.maximum(m.sum(axis=1, keepdims=True), 1)
+    n = len(names)
+    size = min(12.2, 3.5 + 0.3 * n)
+    fig, ax = plt.subplots(figsize=(size, size * 0.88))
+    image = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(image, ax=ax, fraction=0.046, label="fraction of the true class")
+    # room left for the matrix once names and colour bar are drawn, and the pitch a FONT-pt name needs
+    every = math.ceil(n * (FONT * 1.4 / 72) / max(size - 4.0, 1.0))
+    ticks = range(0, n, every)
+    ax.set_xticks(ticks, [names[i] for i in ticks], rotation=90, fontsize=FONT)
+    ax.set_yticks(ticks, [names[i] for i in ticks], fontsize=FONT)
+    ax.set_xlabel("predicted" if every == 1 else f"predicted (1 class in {every} named, {n} in all)")
+    ax.set_ylabel("true")
+    return fig
 
 
 def confusion_png(matrix: list[list[int]], names: list[str]) -> str:
-    m = np.asarray(matrix, dtype=float)
-    norm = m / np.maximum(m.sum(axis=1, keepdims=True), 1)
-    size = min(12.0, 3 + 0.3 * len(names))
-    fig, ax = plt.subplots(figsize=(size, size * 0.85))
-    image = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-    fig.colorbar(image, ax=ax, fraction=0.046, label="fraction of the true class")
-    if len(names) <= 40:
-        ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
-        ax.set_yticks(range(len(names)), names, fontsize=7)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    return to_base64(fig)
+    return to_base64(confusion_figure(matrix, names))
 
 
 def summary_bar(phases: dict[str, Any]) -> str | None:
@@ -188,5 +240,5 @@ def summary_bar(phases: dict[str, Any]) -> str | None:
         left += seconds
     ax.set_yticks([])
     ax.set_xlabel("seconds")
-    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    ax.legend(fontsize=FONT, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     return to_base64(fig)
