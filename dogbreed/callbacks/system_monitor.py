@@ -84,15 +84,17 @@ class ProcessTree:
             return []
 
     def sample(self) -> dict[str, Any]:
-        """``proc_cpu`` (% of all cores, like ``cpu_total``), ``proc_mem_percent``/``_gb`` (RSS), ``proc_count``."""
+        """``proc_cpu`` (% of all cores, like ``cpu_total``), ``proc_mem_percent``/``_gb``, ``proc_count``."""
         now = time.monotonic()
         elapsed, self._last_wall = max(now - self._last_wall, 1e-6), now
-        cpu_seconds, rss, times = 0.0, 0, {}
+        cpu_seconds, private, times = 0.0, 0, {}
         for proc in self._processes():
             try:
                 with proc.oneshot():
-                    used = proc.cpu_times()
-                    rss += proc.memory_info().rss
+                    used, memory = proc.cpu_times(), proc.memory_info()
+                # resident memory less file-backed and shared pages (Linux: ``shared``): mapped libraries
+                # (torch's are large) are page cache, which the machine's "used" excludes too
+                private += memory.rss - getattr(memory, "shared", 0)
             except psutil.Error:  # a worker that exited between listing and reading
                 continue
             times[proc.pid] = used.user + used.system
@@ -101,9 +103,9 @@ class ProcessTree:
         cores = psutil.cpu_count() or 1
         return {
             "proc_cpu": round(min(100.0, max(0.0, 100.0 * cpu_seconds / (elapsed * cores))), 1),
-            # forked workers share pages with the main process, so summed RSS overstates the tree a little
-            "proc_mem_percent": round(100.0 * rss / psutil.virtual_memory().total, 2),
-            "proc_mem_gb": round(rss / 2**30, 3),
+            # forked workers still share unwritten pages with the main process: the sum overstates a little
+            "proc_mem_percent": round(100.0 * private / psutil.virtual_memory().total, 2),
+            "proc_mem_gb": round(private / 2**30, 3),
             "proc_count": len(times),
         }
 
