@@ -27,7 +27,8 @@ from .test_debugger import TinyClassifier, tensors
 
 EPOCHS, BATCHES, KILL_EPOCH = 3, 6, 2  # killed 3 steps into epoch 2: last.ckpt then holds epoch 1
 SMALL_DEMO = [
-    "experiment=demo", "data.image_size=28", "data.resize_size=32", f"trainer.max_epochs={EPOCHS}",
+    "experiment=demo", "data.image_size=28", "data.resize_size=32", "data.num_workers=1",  # seeded per epoch
+    f"trainer.max_epochs={EPOCHS}",
     f"+trainer.limit_train_batches={BATCHES}", "+trainer.limit_val_batches=2", "+trainer.limit_test_batches=2",
     "~callbacks.progress_bar", "report=false", "callbacks.debugger.flush_every=1",  # every loss on disk at once
 ]  # fmt: skip
