@@ -237,6 +237,25 @@ def test_system_monitor_records_the_training_process_tree(tmp_path: Path) -> Non
     assert busy > 0.3, samples  # most of the child's 0.6 s of spinning, even on a loaded machine
 
 
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="PSS is Linux's")
+def test_process_tree_counts_pages_shared_with_forked_workers_once() -> None:
+    """A forked worker shares the main process's memory; summed RSS would count it twice (more than the machine)."""
+    import multiprocessing
+
+    from dogbreed.callbacks.system_monitor import ProcessTree
+
+    ballast = np.ones(50_000_000, dtype=np.float32)  # 200 MB, resident
+    alone = ProcessTree().sample()["proc_mem_gb"]
+    child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(2,))
+    child.start()
+    time.sleep(0.3)
+    with_worker = ProcessTree().sample()
+    child.terminate()
+    child.join()
+    assert with_worker["proc_count"] >= 2 and ballast.sum() > 0
+    assert with_worker["proc_mem_gb"] < alone + 0.1, (alone, with_worker)
+
+
 def _burn(seconds: float) -> None:
     end = time.monotonic() + seconds
     while time.monotonic() < end:

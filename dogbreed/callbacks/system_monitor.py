@@ -61,6 +61,19 @@ class _Nvml:
                 self.pynvml.nvmlShutdown()
 
 
+def _footprint(proc: psutil.Process) -> int:
+    """Bytes of memory ``proc`` occupies, pages it shares counted once across the tree.
+
+    Forked DataLoader workers share the main process's pages until they write to them, so summing RSS counts
+    them once per worker (the tree then "uses" more than the machine). PSS splits each shared page among its
+    sharers (Linux; about 3 ms per process); elsewhere, RSS.
+    """
+    try:
+        return int(proc.memory_full_info().pss)
+    except (AttributeError, psutil.AccessDenied):  # no PSS outside Linux
+        return int(proc.memory_info().rss)
+
+
 class ProcessTree:
     """CPU and memory of one process and its descendants (DataLoader workers come and go between epochs).
 
@@ -87,25 +100,22 @@ class ProcessTree:
         """``proc_cpu`` (% of all cores, like ``cpu_total``), ``proc_mem_percent``/``_gb``, ``proc_count``."""
         now = time.monotonic()
         elapsed, self._last_wall = max(now - self._last_wall, 1e-6), now
-        cpu_seconds, private, times = 0.0, 0, {}
+        cpu_seconds, footprint, times = 0.0, 0, {}
         for proc in self._processes():
             try:
                 with proc.oneshot():
-                    used, memory = proc.cpu_times(), proc.memory_info()
-                # resident memory less file-backed and shared pages (Linux: ``shared``): mapped libraries
-                # (torch's are large) are page cache, which the machine's "used" excludes too
-                private += memory.rss - getattr(memory, "shared", 0)
+                    used, memory = proc.cpu_times(), _footprint(proc)
             except psutil.Error:  # a worker that exited between listing and reading
                 continue
+            footprint += memory
             times[proc.pid] = used.user + used.system
             cpu_seconds += times[proc.pid] - self._last_times.get(proc.pid, 0.0)
         self._last_times = times
         cores = psutil.cpu_count() or 1
         return {
             "proc_cpu": round(min(100.0, max(0.0, 100.0 * cpu_seconds / (elapsed * cores))), 1),
-            # forked workers still share unwritten pages with the main process: the sum overstates a little
-            "proc_mem_percent": round(100.0 * private / psutil.virtual_memory().total, 2),
-            "proc_mem_gb": round(private / 2**30, 3),
+            "proc_mem_percent": round(100.0 * footprint / psutil.virtual_memory().total, 2),
+            "proc_mem_gb": round(footprint / 2**30, 3),
             "proc_count": len(times),
         }
 

@@ -63,7 +63,7 @@ def system_timeline(data: ProfileData) -> str | None:
     axes[1].plot(*_timed(data, "mem_percent", t0), color="C2", label="machine, used")
     own_t, own = _timed(data, "proc_mem_percent", t0)
     if own.size:
-        axes[1].plot(own_t, own, color="C1", lw=1.6, label="training processes (RSS)")
+        axes[1].plot(own_t, own, color="C1", lw=1.6, label="training processes")
     axes[1].set_ylabel("memory %")
     axes[1].set_ylim(bottom=0)
     _legend_outside(axes[1])
