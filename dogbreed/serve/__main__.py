@@ -2,7 +2,8 @@
 
 The ``serve`` console script is the same server started the way SageMaker starts a container
 (``docker run IMAGE serve``): model from ``SM_MODEL_DIR`` or ``/opt/ml/model``, all interfaces, port
-``SAGEMAKER_BIND_TO_PORT`` or 8080.
+``SAGEMAKER_BIND_TO_PORT`` or 8080. ``DOGBREED_SERVE_HOST`` narrows the interface (``127.0.0.1`` for a test
+that runs the container's command outside a container).
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None, *, container: bool = False) -> None:
         argv = argv[1:]
     parser = _parser(
         model_default=os.environ.get("SM_MODEL_DIR", "/opt/ml/model") if container else None,
-        host_default="0.0.0.0" if container else "127.0.0.1",
+        host_default=os.environ.get("DOGBREED_SERVE_HOST", "0.0.0.0") if container else "127.0.0.1",
         prog="serve" if container else "python -m dogbreed.serve",
     )
     args = parser.parse_args(argv)

@@ -1,0 +1,82 @@
+"""The serving image's command, run as SageMaker runs the container, on a packaged model and a real photo.
+
+No container engine runs on the test machines, so the test runs the Dockerfile's exact ENTRYPOINT plus
+SageMaker's ``serve`` argument outside a container: the model unpacked where ``SM_MODEL_DIR`` says, the port
+from ``SAGEMAKER_BIND_TO_PORT``, and ``DOGBREED_SERVE_HOST`` keeping it on 127.0.0.1 (the image binds 0.0.0.0).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from .conftest import _free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKERFILE = ROOT / "container" / "Dockerfile"
+PHOTO = ROOT / "examples" / "images" / "Labrador_retriever_06457.jpg"
+
+pytest.importorskip("uvicorn", reason="needs the serve extra")
+
+
+def entry_command() -> list[str]:
+    """The Dockerfile's ENTRYPOINT (exec form) plus the ``serve`` argument SageMaker passes."""
+    (entrypoint,) = re.findall(r"^ENTRYPOINT\s+(\[.*\])\s*$", DOCKERFILE.read_text(), flags=re.MULTILINE)
+    return [*json.loads(entrypoint), "serve"]
+
+
+def test_dockerfile_installs_the_serve_extra_and_builds_both_variants() -> None:
+    text = DOCKERFILE.read_text()
+    assert re.search(r"^FROM python:\$\{PYTHON_VERSION\}-slim$", text, flags=re.MULTILINE)
+    assert 'pip install -c constraints.txt ".[serve]"' in text
+    assert "ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu" in text  # CUDA: --build-arg TORCH_INDEX=.../cu128
+    assert "EXPOSE 8080" in text
+
+
+def test_entry_command_serves_a_packaged_model(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from dogbreed.serve.package import build_package, extract_package
+
+    command = entry_command()
+    executable = shutil.which(command[0], path=str(Path(sys.executable).parent))
+    assert executable, f"{command[0]} is not installed next to {sys.executable} (pip install -e '.[serve]')"
+    model_dir = extract_package(build_package(tiny_model_dir, tmp_path / "model.tar.gz"), tmp_path / "opt/ml/model")
+    port = _free_port()
+    env = {**os.environ, "SM_MODEL_DIR": str(model_dir), "SAGEMAKER_BIND_TO_PORT": str(port)}
+    env["DOGBREED_SERVE_HOST"] = "127.0.0.1"
+    log_path = tmp_path / "serve.log"
+    with log_path.open("w") as log:
+        server = subprocess.Popen([executable, *command[1:]], env=env, cwd=tmp_path, stdout=log, stderr=log)
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as response:
+                        assert response.status == 200
+                    break
+                except OSError:
+                    assert server.poll() is None, log_path.read_text()
+                    assert time.monotonic() < deadline, "server did not start"
+                    time.sleep(0.3)
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}/invocations", data=PHOTO.read_bytes(), headers={"Content-Type": "image/jpeg"}
+            )
+            with urllib.request.urlopen(request, timeout=60) as response:
+                predictions = json.loads(response.read())["predictions"]
+            assert len(predictions) == 5
+            assert all(p["label"] and 0 <= p["probability"] <= 1 for p in predictions)
+        finally:
+            server.send_signal(signal.SIGTERM)  # how SageMaker stops a container
+            # uvicorn re-raises the signal once shut down, so a clean stop exits "killed by SIGTERM"
+            assert server.wait(timeout=30) in (0, -signal.SIGTERM), log_path.read_text()
+    log_text = log_path.read_text()
+    assert "Uvicorn running on http://127.0.0.1:" in log_text and "Application shutdown complete" in log_text
