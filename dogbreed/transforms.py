@@ -41,19 +41,27 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def open_image(source: str | Path | bytes, *, max_pixels: int | None = None) -> Image.Image:
+    """Open an image lazily: only its header is read, so that its size is known before any pixel is decoded.
+
+    Exceeding ``max_pixels`` raises ``PIL.Image.DecompressionBombError`` (a decompression bomb costs nothing).
+    """
+    image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+    if max_pixels is not None and image.width * image.height > max_pixels:
+        image.close()
+        raise Image.DecompressionBombError(
+            f"image is {image.width}x{image.height} = {image.width * image.height} pixels, more than the "
+            f"limit of {max_pixels}."
+        )
+    return image
+
+
 def load_rgb(source: str | Path | bytes, *, max_pixels: int | None = None) -> Image.Image:
     """Open and fully decode an image file or byte string as RGB (raises on corrupt or truncated data).
 
-    ``max_pixels`` is checked from the header, before decoding, so a decompression bomb costs nothing;
-    exceeding it raises ``PIL.Image.DecompressionBombError``.
+    ``max_pixels`` is checked from the header, before decoding (see :func:`open_image`).
     """
-    handle = io.BytesIO(source) if isinstance(source, bytes) else source
-    with Image.open(handle) as image:
-        if max_pixels is not None and image.width * image.height > max_pixels:
-            raise Image.DecompressionBombError(
-                f"image is {image.width}x{image.height} = {image.width * image.height} pixels, more than the "
-                f"limit of {max_pixels}."
-            )
+    with open_image(source, max_pixels=max_pixels) as image:
         image.load()
         return to_rgb(image)
 

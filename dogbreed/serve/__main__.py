@@ -16,7 +16,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from dogbreed.serve.handlers import RUNTIMES, Limits, load_model
+from dogbreed.serve.handlers import BYTES_PER_PIXEL, RUNTIMES, Limits, load_model
 from dogbreed.serve.package import extract_package, find_model_dir
 from dogbreed.serve.server import ServerConfig, available_cpus, create_app
 
@@ -41,8 +41,26 @@ def _parser(*, model_default: str | None, host_default: str, prog: str) -> argpa
     parser.add_argument("--max-pixels", type=int, default=limits.max_pixels, help="per image (decompression bombs)")
     parser.add_argument("--max-images", type=int, default=limits.max_images, help="images per request")
     parser.add_argument(
-        "--max-connections", type=int, default=128, help="concurrent connections before answering 503 (bounds memory)"
-    )
+        "--max-request-pixels", type=int, default=limits.max_request_pixels,
+        help="pixels of all the images of one request, read from their headers before decoding (413 beyond)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-inflight-pixels", type=int, default=config.max_inflight_pixels,
+        help=f"pixels being decoded by all requests (503 beyond): peak decoding memory is at most {BYTES_PER_PIXEL} "
+        "bytes per pixel of it",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-connections", type=int, default=config.max_requests,
+        help="/invocations requests in progress before answering 503 (/ping is never refused)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-receiving", type=int, default=config.max_receiving,
+        help="requests still sending their body before answering 503",
+    )  # fmt: skip
+    parser.add_argument(
+        "--body-timeout", type=float, default=config.body_timeout_s,
+        help="seconds a request may take to send its body (408 and the connection closed beyond)",
+    )  # fmt: skip
     parser.add_argument(
         "--max-queued", type=int, default=config.max_queued_images, help="images waiting for the model before 503"
     )
@@ -68,14 +86,26 @@ def main(argv: list[str] | None = None, *, container: bool = False) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     limits = Limits.from_env()
-    config = ServerConfig(
-        max_batch_size=args.max_batch_size,
-        max_delay_ms=args.max_delay_ms,
-        max_body_bytes=int(args.max_body_mb * 2**20),
-        max_queued_images=args.max_queued,
-        num_threads=args.threads,
-        limits=Limits(limits.max_image_bytes, max_pixels=args.max_pixels, max_images=args.max_images),
-    )
+    try:
+        config = ServerConfig(
+            max_batch_size=args.max_batch_size,
+            max_delay_ms=args.max_delay_ms,
+            max_body_bytes=int(args.max_body_mb * 2**20),
+            max_queued_images=args.max_queued,
+            num_threads=args.threads,
+            limits=Limits(
+                limits.max_image_bytes,
+                max_pixels=args.max_pixels,
+                max_images=args.max_images,
+                max_request_pixels=args.max_request_pixels,
+            ),
+            max_requests=args.max_connections,
+            max_receiving=args.max_receiving,
+            body_timeout_s=args.body_timeout,
+            max_inflight_pixels=args.max_inflight_pixels,
+        )
+    except ValueError as err:
+        parser.error(str(err))
     with tempfile.TemporaryDirectory(prefix="dogbreed-serve-") as tmp:
         try:
             source = Path(args.model)
@@ -90,7 +120,6 @@ def main(argv: list[str] | None = None, *, container: bool = False) -> None:
             log_level=args.log_level,
             access_log=args.access_log,
             timeout_graceful_shutdown=args.shutdown_timeout,
-            limit_concurrency=args.max_connections,
         )
 
 

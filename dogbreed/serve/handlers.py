@@ -26,11 +26,15 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import io
 import json
 import logging
+import math
 import os
-from collections.abc import Callable, Sequence
+import pickle
+import re
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
@@ -40,9 +44,9 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from dogbreed.artifacts import read_model_dir
+from dogbreed.artifacts import MODEL_WEIGHTS, read_model_dir
 from dogbreed.models.backbone import create_backbone
-from dogbreed.transforms import Preprocessing, load_rgb, to_rgb
+from dogbreed.transforms import Preprocessing, open_image, to_rgb
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +60,9 @@ PACKAGE_MANIFEST = "package.json"
 RUNTIMES = ("eager", "torchscript", "onnx")
 EXPORT_FILES = {"torchscript": "model.ts", "onnx": "model.onnx"}
 DEFAULT_TOP_K = 5
+# Peak memory of decoding one image and running the eval transform on it, per pixel: 11 bytes for RGB,
+# 13 for greyscale and palette, 15 for CMYK, 17 for RGBA (measured with Pillow 13 and torchvision 0.29).
+BYTES_PER_PIXEL = 17
 
 _ACCEPTED_INPUT = (
     f"send raw image bytes (JPEG, PNG, WebP, GIF, BMP, TIFF) as {', '.join(IMAGE_CONTENT_TYPES)}; "
@@ -105,19 +112,27 @@ def _env_int(name: str, default: int) -> int:
 
 @dataclass(frozen=True)
 class Limits:
-    """Per-request limits against oversized payloads and decompression bombs."""
+    """Per-request limits against oversized payloads and decompression bombs.
+
+    ``max_request_pixels`` bounds the pixels of all the images of one request, read from their headers
+    before decoding: decoding and preprocessing take up to :data:`BYTES_PER_PIXEL` bytes per pixel, so a
+    request of small, highly compressed images cannot take gigabytes.
+    """
 
     max_image_bytes: int = 20 * 2**20
     max_pixels: int = 40_000_000
     max_images: int = 64
+    max_request_pixels: int = 100_000_000
 
     @classmethod
     def from_env(cls) -> Limits:
-        """Defaults overridden by ``DOGBREED_MAX_IMAGE_BYTES``, ``DOGBREED_MAX_PIXELS``, ``DOGBREED_MAX_IMAGES``."""
+        """Defaults overridden by ``DOGBREED_MAX_IMAGE_BYTES``, ``DOGBREED_MAX_PIXELS``, ``DOGBREED_MAX_IMAGES``
+        and ``DOGBREED_MAX_REQUEST_PIXELS``."""
         return cls(
             max_image_bytes=_env_int("DOGBREED_MAX_IMAGE_BYTES", cls.max_image_bytes),
             max_pixels=_env_int("DOGBREED_MAX_PIXELS", cls.max_pixels),
             max_images=_env_int("DOGBREED_MAX_IMAGES", cls.max_images),
+            max_request_pixels=_env_int("DOGBREED_MAX_REQUEST_PIXELS", cls.max_request_pixels),
         )
 
 
@@ -160,8 +175,11 @@ class DogBreedModel:
         self.top_k = top_k
         self._transform = preprocessing.eval_transform()
 
-    def preprocess(self, items: Sequence[Image.Image | torch.Tensor]) -> torch.Tensor:
-        """Eval transform of each image (the same code as validation), stacked to ``(N, 3, S, S)``."""
+    def preprocess(self, items: Iterable[Image.Image | torch.Tensor]) -> torch.Tensor:
+        """Eval transform of each image (the same code as validation), stacked to ``(N, 3, S, S)``.
+
+        Given an iterator (:meth:`CheckedRequest.decode`), only one decoded image is alive at a time.
+        """
         size = self.preprocessing.image_size
         tensors = []
         for i, item in enumerate(items):
@@ -176,6 +194,7 @@ class DogBreedModel:
                 tensors.append(item)
             else:
                 tensors.append(self._transform(item))
+            del item  # free this decoded image before the next one is decoded
         return torch.stack(tensors)
 
     def predict(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -206,7 +225,14 @@ def load_model(model_dir: str | Path, *, runtime: str | None = None, num_threads
             f"{model_dir} has no {runtime} export (exports: {sorted(exported) or 'none'}); rebuild the package "
             f"with `python -m dogbreed.package RUN_DIR --export {runtime}` or use runtime eager."
         )
-    md = read_model_dir(model_dir)
+    try:
+        md = read_model_dir(model_dir)
+    except (pickle.UnpicklingError, RuntimeError) as err:  # a pickle weights_only refuses; a corrupt archive
+        reason = next((line.strip() for line in str(err).splitlines() if "WeightsUnpickler error" in line), None)
+        raise ValueError(
+            f"{model_dir / MODEL_WEIGHTS} is not a state dict that loads with weights_only=True "
+            f"({reason or str(err).splitlines()[0]}); rebuild the package with `python -m dogbreed.package`."
+        ) from err
     # A GPU endpoint instance (ml.g4dn ...) runs eager and TorchScript on its GPU; DOGBREED_DEVICE overrides.
     device = torch.device(os.environ.get("DOGBREED_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
     if runtime == "eager":
@@ -286,23 +312,65 @@ def decode_request(body: bytes | bytearray | str | None, content_type: str | Non
 
     A missing content type is read as raw image bytes; a missing body (``None``) as an empty one.
     """
+    request = check_request(body, content_type, limits)
+    return Inputs(list(request.decode()), batched=request.batched, top_k=request.top_k)
+
+
+@dataclass
+class CheckedRequest:
+    """A request checked against every limit from its image headers alone; its pixels are not decoded yet.
+
+    ``pixels`` (height x width summed over the images) is known before decoding, so a server can reserve
+    memory for it first; :meth:`decode` then decodes one image at a time.
+    """
+
+    sources: list[Callable[[], Image.Image | torch.Tensor]]
+    pixels: int
+    batched: bool
+    top_k: int | None = None
+
+    def decode(self) -> Iterator[Image.Image | torch.Tensor]:
+        """Decode the images in order; each is decoded only when the caller asks for it."""
+        for source in self.sources:
+            yield source()
+
+
+def check_request(body: bytes | bytearray | str | None, content_type: str | None, limits: Limits) -> CheckedRequest:
+    """Parse a request and check it against ``limits`` without decoding a pixel (see :func:`decode_request`)."""
     data = body.encode() if isinstance(body, str) else bytes(body or b"")
     kind = media_type(content_type) or "application/octet-stream"
     if not data:
         raise InferenceError(400, "empty_body", f"the request body is empty; {_ACCEPTED_INPUT}.")
     if kind == JSON_CONTENT_TYPE:
-        return _from_json(data, limits)
-    if kind == NPY_CONTENT_TYPE:
-        return _from_npy(data, limits)
-    if kind in IMAGE_CONTENT_TYPES or kind.startswith("image/"):
-        return Inputs([decode_image(data, limits)], batched=False)
-    raise InferenceError(
-        415, "unsupported_content_type", f"content type {content_type!r} is not supported; {_ACCEPTED_INPUT}."
-    )
+        request = _from_json(data, limits)
+    elif kind == NPY_CONTENT_TYPE:
+        request = _from_npy(data, limits)
+    elif kind in IMAGE_CONTENT_TYPES or kind.startswith("image/"):
+        request = CheckedRequest(*_open_image(data, limits), batched=False)
+    else:
+        raise InferenceError(
+            415, "unsupported_content_type", f"content type {content_type!r} is not supported; {_ACCEPTED_INPUT}."
+        )
+    if request.pixels > limits.max_request_pixels:
+        raise InferenceError(
+            413,
+            "too_many_pixels_in_request",
+            f"the request's images hold {request.pixels} pixels in all, more than the limit of "
+            f"{limits.max_request_pixels} per request (it bounds the memory decoding takes): send fewer or "
+            "smaller images per request.",
+            accepted=f"<= {limits.max_request_pixels} pixels per request",
+        )
+    return request
 
 
 def decode_image(data: bytes, limits: Limits, what: str = "the body") -> Image.Image:
     """Decode image bytes to upright RGB within the limits (greyscale, CMYK, alpha, EXIF rotation handled)."""
+    [source], _ = _open_image(data, limits, what)
+    return source()
+
+
+def _open_image(data: bytes, limits: Limits, what: str = "the body") -> tuple[list[Callable[[], Image.Image]], int]:
+    """Read an image's header within the limits; return its decoder and its pixel count."""
     if len(data) > limits.max_image_bytes:
         raise InferenceError(
             413,
@@ -312,7 +380,7 @@ def decode_image(data: bytes, limits: Limits, what: str = "the body") -> Image.I
             accepted=f"<= {limits.max_image_bytes} bytes",
         )
     try:
-        return load_rgb(data, max_pixels=limits.max_pixels)
+        image = open_image(data, max_pixels=limits.max_pixels)
     except Image.DecompressionBombError as err:
         raise InferenceError(
             413,
@@ -326,26 +394,44 @@ def decode_image(data: bytes, limits: Limits, what: str = "the body") -> Image.I
             "not_an_image",
             f"{what} is not an image Pillow can read (it starts with {data[:16]!r}); {_ACCEPTED_INPUT}.",
         ) from None
-    except Exception as err:  # Pillow raises OSError, SyntaxError, ValueError, EOFError... on bad data)
-        raise InferenceError(
-            400,
-            "corrupt_image",
-            f"{what} could not be decoded ({type(err).__name__}: {err}): the image is truncated or "
-            "corrupt; send the complete file.",
-        ) from None
+    except Exception as err:  # Pillow raises OSError, SyntaxError, ValueError, struct.error ... on bad headers
+        raise _corrupt(what, err) from None
+    if image.width < 1 or image.height < 1:
+        raise InferenceError(400, "empty_image", f"{what} is {image.width}x{image.height} pixels; {_ACCEPTED_INPUT}.")
+
+    def decode() -> Image.Image:
+        try:
+            with image:
+                image.load()
+                return to_rgb(image)
+        except Exception as err:  # Pillow raises OSError, SyntaxError, ValueError, EOFError... on bad data
+            raise _corrupt(what, err) from None
+
+    return [decode], image.width * image.height
 
 
-def _from_json(body: bytes, limits: Limits) -> Inputs:
+def _corrupt(what: str, err: Exception) -> InferenceError:
+    return InferenceError(
+        400,
+        "corrupt_image",
+        f"{what} could not be decoded ({type(err).__name__}: {err}): the image is truncated or "
+        "corrupt; send the complete file.",
+    )
+
+
+def _from_json(body: bytes, limits: Limits) -> CheckedRequest:
     try:
         payload = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InferenceError(400, "bad_json", f"the body is not valid JSON ({err}); {_ACCEPTED_INPUT}.") from None
+    except (ValueError, RecursionError) as err:  # JSONDecodeError, UnicodeDecodeError, int over 4300 digits; nesting
+        raise InferenceError(
+            400, "bad_json", f"the body is not valid JSON ({type(err).__name__}: {err}); {_ACCEPTED_INPUT}."
+        ) from None
     top_k = None
     if isinstance(payload, dict):
         top_k = payload.get("top_k")
         if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
             raise InferenceError(
-                400, "bad_top_k", f'"top_k" must be a positive integer, got {top_k!r}.', ["top_k >= 1"]
+                400, "bad_top_k", f'"top_k" must be a positive integer, got {str(top_k)[:50]!r}.', ["top_k >= 1"]
             )
         if isinstance(payload.get("image"), str):
             encoded, batched = [payload["image"]], False
@@ -358,7 +444,7 @@ def _from_json(body: bytes, limits: Limits) -> Inputs:
                 400,
                 "bad_json_shape",
                 f'the JSON object has no "image" string or "images" list (keys: '
-                f"{sorted(payload)[:10]}); {_ACCEPTED_INPUT}.",
+                f"{[key[:50] for key in sorted(payload)[:10]]}); {_ACCEPTED_INPUT}.",
             )
     elif isinstance(payload, list):
         encoded, batched = payload, True
@@ -366,22 +452,18 @@ def _from_json(body: bytes, limits: Limits) -> Inputs:
         raise InferenceError(400, "bad_json_shape", f"the JSON body is a {type(payload).__name__}; {_ACCEPTED_INPUT}.")
     if not encoded:
         raise InferenceError(400, "empty_batch", f"the JSON list of images is empty; {_ACCEPTED_INPUT}.")
-    if len(encoded) > limits.max_images:
-        raise InferenceError(
-            413,
-            "too_many_images",
-            f"{len(encoded)} images in one request; the limit is {limits.max_images}: split it.",
-            accepted=f"<= {limits.max_images} images per request",
-        )
-    images = []
+    _check_count(len(encoded), limits)
+    sources, pixels = [], 0
     for i, item in enumerate(encoded):
         what = f"image {i}" if batched else "the image"
         if isinstance(item, dict) and isinstance(item.get("image"), str):
             item = item["image"]
         if not isinstance(item, str):
             raise InferenceError(400, "bad_json_shape", f"{what} is a {type(item).__name__}, not a base64 string.")
-        images.append(decode_image(_b64decode(item, what, limits), limits, what))
-    return Inputs(images, batched=batched, top_k=top_k)
+        [source], count = _open_image(_b64decode(item, what, limits), limits, what)
+        sources.append(source)
+        pixels += count
+    return CheckedRequest(sources, pixels, batched=batched, top_k=top_k)
 
 
 def _b64decode(text: str, what: str, limits: Limits) -> bytes:
@@ -409,52 +491,80 @@ def _b64decode(text: str, what: str, limits: Limits) -> bytes:
     return data
 
 
-def _from_npy(body: bytes, limits: Limits) -> Inputs:
-    shape, dtype = _npy_header(body)
-    if int(np.prod(shape)) * dtype.itemsize > len(body):
+def _from_npy(body: bytes, limits: Limits) -> CheckedRequest:
+    """uint8 pixels or float32 preprocessed tensors, every dimension checked from the header before loading."""
+    shape, dtype, offset = _npy_header(body)
+    if math.prod(shape) * dtype.itemsize > len(body) - offset:  # Python ints: a product of any size is exact
         raise InferenceError(
             400, "bad_npy", f"the .npy header declares shape {shape} {dtype}, more data than was sent."
         )
-    array = np.load(io.BytesIO(body), allow_pickle=False)
-    if array.dtype == np.uint8:
-        if array.ndim == 3 and array.shape[2] > 4:
-            raise InferenceError(400, "bad_npy", f"uint8 array of shape {shape}: channels last, 1, 3 or 4 of them.")
-        if array.ndim not in (2, 3, 4):
-            raise InferenceError(400, "bad_npy", f"uint8 array of shape {shape}; {_ACCEPTED_INPUT}.")
-        batched = array.ndim == 4
-        frames = list(array) if batched else [array]
-        _check_count(len(frames), limits)
-        return Inputs([_pixels_to_image(frame, i, limits) for i, frame in enumerate(frames)], batched=batched)
-    if array.dtype.kind == "f" and array.ndim in (3, 4) and array.shape[-3] == 3:
-        array = np.ascontiguousarray(array, dtype=np.float32)
-        batched = array.ndim == 4
-        tensors = list(torch.from_numpy(array)) if batched else [torch.from_numpy(array)]
-        _check_count(len(tensors), limits)
-        return Inputs(tensors, batched=batched)
-    raise InferenceError(400, "bad_npy", f"array of dtype {array.dtype} and shape {shape}; {_ACCEPTED_INPUT}.")
+    if dtype == np.uint8 and len(shape) in (2, 3, 4):
+        batched = len(shape) == 4
+        channels = shape[-1] if len(shape) > 2 else 1
+        if len(shape) > 2 and channels not in (1, 3, 4):
+            raise InferenceError(
+                400, "bad_npy", f"uint8 array of shape {shape}: channels last, 1 (grey), 3 (RGB) or 4 (RGBA) of them."
+            )
+        height, width = shape[1:3] if batched else shape[:2]
+    elif dtype.kind == "f" and len(shape) in (3, 4) and shape[-3] == 3:
+        batched = len(shape) == 4
+        height, width = shape[-2:]
+    else:
+        raise InferenceError(400, "bad_npy", f"array of dtype {dtype} and shape {shape}; {_ACCEPTED_INPUT}.")
+    count = shape[0] if batched else 1
+    _check_count(count, limits)
+    if height < 1 or width < 1:
+        raise InferenceError(400, "empty_image", f"array of shape {shape} holds images of {height}x{width} pixels.")
+    if height * width > limits.max_pixels:
+        raise InferenceError(
+            413,
+            "too_many_pixels",
+            f"the array's images are {width}x{height} pixels, more than the limit of {limits.max_pixels}.",
+            accepted=f"<= {limits.max_pixels} pixels",
+        )
+    try:
+        array = np.load(io.BytesIO(body), allow_pickle=False)
+    except Exception as err:  # numpy raises ValueError, EOFError, OSError ... on inconsistent data
+        raise InferenceError(
+            400, "bad_npy", f"the .npy array could not be read ({type(err).__name__}: {err})."
+        ) from None
+    frames = list(array) if batched else [array]
+    if dtype == np.uint8:
+        sources = [functools.partial(_pixels_to_image, frame) for frame in frames]
+    else:
+        tensors = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+        if not torch.isfinite(tensors).all():
+            raise InferenceError(
+                400, "non_finite_input", "the float array holds NaN or infinite values (after conversion to float32)."
+            )
+        sources = [(lambda tensor=tensor: tensor) for tensor in (tensors if batched else [tensors])]
+    return CheckedRequest(sources, count * height * width, batched=batched)
 
 
-def _npy_header(body: bytes) -> tuple[tuple[int, ...], np.dtype]:
-    """Read the .npy header first, so that a header promising terabytes is refused before any allocation."""
+def _npy_header(body: bytes) -> tuple[tuple[int, ...], np.dtype, int]:
+    """Shape, dtype and data offset from the .npy header, so that a header promising terabytes costs nothing."""
     stream = io.BytesIO(body)
     try:
         version = np.lib.format.read_magic(stream)
         read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
         shape, _, dtype = read_header(stream)
-    except (ValueError, OSError, EOFError) as err:
+    except Exception as err:  # ValueError, EOFError, SyntaxError, RecursionError ... from an untrusted header
         raise InferenceError(
             400,
             "bad_npy",
-            f"the body is not a .npy array ({err}); write it with numpy.save(), not pickle or .npz.",
+            f"the body is not a .npy array ({type(err).__name__}: {err}); write it with numpy.save(), not pickle "
+            "or .npz.",
         ) from None
     if dtype.hasobject:
         raise InferenceError(400, "bad_npy", "object arrays are refused (they would need unpickling).")
-    return shape, dtype
+    if any(dim < 0 for dim in shape):
+        raise InferenceError(400, "bad_npy", f"the .npy header declares a negative dimension: {shape}.")
+    return shape, dtype, stream.tell()
 
 
 def _check_count(n: int, limits: Limits) -> None:
     if n == 0:
-        raise InferenceError(400, "empty_batch", "the array holds no images.")
+        raise InferenceError(400, "empty_batch", "the request holds no images.")
     if n > limits.max_images:
         raise InferenceError(
             413,
@@ -464,19 +574,9 @@ def _check_count(n: int, limits: Limits) -> None:
         )
 
 
-def _pixels_to_image(frame: np.ndarray, i: int, limits: Limits) -> Image.Image:
-    height, width = frame.shape[:2]
-    if height * width > limits.max_pixels:
-        raise InferenceError(
-            413,
-            "too_many_pixels",
-            f"image {i} is {width}x{height} pixels, more than the limit of {limits.max_pixels}.",
-            accepted=f"<= {limits.max_pixels} pixels",
-        )
+def _pixels_to_image(frame: np.ndarray) -> Image.Image:
     if frame.ndim == 3 and frame.shape[2] == 1:
         frame = frame[..., 0]
-    if frame.ndim == 3 and frame.shape[2] == 2:
-        raise InferenceError(400, "bad_npy", f"image {i} has 2 channels; send 1 (grey), 3 (RGB) or 4 (RGBA).")
     return to_rgb(Image.fromarray(np.ascontiguousarray(frame)))
 
 
@@ -503,8 +603,11 @@ def accept_top_k(accept: str | None) -> int | None:
         for param in params:
             key, _, value = param.partition("=")
             if key.strip().lower() == "top_k":
-                if not value.strip().isdigit() or int(value) < 1:
-                    raise InferenceError(400, "bad_top_k", f"top_k={value!r} in Accept must be a positive integer.")
+                # ASCII digits only: str.isdigit() accepts "²", which int() refuses
+                if not re.fullmatch(r"[0-9]{1,9}", value.strip()) or int(value) < 1:
+                    raise InferenceError(
+                        400, "bad_top_k", f"top_k={value[:50]!r} in Accept must be a positive integer.", ["top_k >= 1"]
+                    )
                 return int(value)
         return None
     raise InferenceError(
@@ -517,6 +620,13 @@ def accept_top_k(accept: str | None) -> int | None:
 
 def format_predictions(prediction: Prediction, top_k: int | None = None) -> dict[str, Any]:
     """``{"predictions": [...top-k...]}``, or one top-k list per image for a batched request."""
+    if not torch.isfinite(prediction.probabilities).all():
+        raise InferenceError(
+            400,
+            "non_finite_output",
+            "the model's output for this input is not finite: preprocessed float inputs must be normalised "
+            "pixels (about -3 to 3); send uint8 pixels or an image to let the endpoint preprocess them.",
+        )
     k = prediction.top_k or top_k or prediction.default_top_k
     k = min(k, prediction.probabilities.shape[1])
     values, indices = prediction.probabilities.topk(k, dim=1)
@@ -533,4 +643,4 @@ def format_predictions(prediction: Prediction, top_k: int | None = None) -> dict
 def output_fn(prediction: Prediction, accept: str | None) -> tuple[bytes, str]:
     """Serialise the top-k classes as JSON; the body's ``top_k`` wins over the Accept header's."""
     top_k = accept_top_k(accept)
-    return json.dumps(format_predictions(prediction, top_k)).encode(), JSON_CONTENT_TYPE
+    return json.dumps(format_predictions(prediction, top_k), allow_nan=False).encode(), JSON_CONTENT_TYPE

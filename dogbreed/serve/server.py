@@ -6,6 +6,11 @@ Routes: ``GET /ping`` (200 once the model is loaded), ``POST /invocations`` and
 thread pool; a single inference thread runs one forward pass over everything queued meanwhile, up to
 ``max_batch_size`` images, waiting at most ``max_delay_ms`` and only while more requests are still being
 decoded. The event loop never runs model code, so ``/ping`` answers under load.
+
+Admission is the app's, not uvicorn's (whose ``limit_concurrency`` answers 503 to ``/ping`` too): a body must
+arrive within ``body_timeout_s`` (408 and the connection closed), at most ``max_receiving`` requests may
+still be sending their body and ``max_requests`` be in progress, and the images being decoded may hold at
+most ``max_inflight_pixels`` pixels (503 with ``Retry-After`` beyond these). ``/ping`` is never refused.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -21,18 +27,19 @@ from dataclasses import dataclass, field
 
 import torch
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from dogbreed.serve.handlers import (
+    BYTES_PER_PIXEL,
+    CheckedRequest,
     DogBreedModel,
     InferenceError,
-    Inputs,
     Limits,
     Prediction,
     accept_top_k,
-    decode_request,
+    check_request,
     output_fn,
 )
 
@@ -57,8 +64,17 @@ class ServerConfig:
     max_queued_images: int = 512
     num_threads: int | None = None
     limits: Limits = field(default_factory=Limits.from_env)
+    max_requests: int = 128
+    max_receiving: int = 32
+    body_timeout_s: float = 30.0
+    max_inflight_pixels: int = 200_000_000
 
     def __post_init__(self) -> None:
+        if self.limits.max_request_pixels > self.max_inflight_pixels:
+            raise ValueError(
+                f"max_request_pixels={self.limits.max_request_pixels} is more than max_inflight_pixels="
+                f"{self.max_inflight_pixels}: a request within its own limit could never be decoded."
+            )
         if self.max_batch_size < 1:
             raise ValueError(f"max_batch_size={self.max_batch_size} must be >= 1 (1 turns batching off).")
         if self.max_delay_ms < 0:
@@ -163,10 +179,41 @@ class Batcher:
         self._executor.shutdown(wait=True)
 
 
+class PixelBudget:
+    """Pixels of the images being decoded by all requests, reserved from their headers before decoding.
+
+    Decoding takes up to ``BYTES_PER_PIXEL`` bytes per pixel, so this bounds the server's decoding memory
+    whatever the concurrency; a request that does not fit now gets 503 and may retry.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._lock = threading.Lock()  # decode threads reserve and release
+
+    @contextlib.contextmanager
+    def reserve(self, pixels: int) -> Iterator[None]:
+        with self._lock:
+            if self.used + pixels > self.limit:
+                raise InferenceError(
+                    503,
+                    "busy",
+                    f"the server is decoding {self.used} pixels; this request's {pixels} would pass its limit of "
+                    f"{self.limit} (about {self.limit * BYTES_PER_PIXEL / 2**30:.1f} GiB): retry shortly.",
+                    accepted="a retry after the Retry-After header's seconds",
+                )
+            self.used += pixels
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.used -= pixels
+
+
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, refused with 413 as soon as it passes ``limit`` bytes (declared or streamed)."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
+    declared = request.headers.get("content-length", "")
+    if declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise InferenceError(
             413, "body_too_large", f"the body is {declared} bytes, more than the limit of {limit}.",
             accepted=f"<= {limit} bytes per request",
@@ -183,6 +230,14 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def error_response(err: InferenceError, *, close: bool = False) -> JSONResponse:
+    """The JSON error body; ``Retry-After`` on a 503, and ``Connection: close`` for a body left unread."""
+    headers = {"Retry-After": "1"} if err.status == 503 else {}
+    if close:
+        headers["Connection"] = "close"
+    return JSONResponse(err.body, status_code=err.status, headers=headers)
+
+
 def create_app(model: DogBreedModel, config: ServerConfig | None = None) -> Starlette:
     """The Starlette app serving ``model``; sets torch's thread count for this process."""
     config = config or ServerConfig()
@@ -196,31 +251,77 @@ def create_app(model: DogBreedModel, config: ServerConfig | None = None) -> Star
         max_queued=config.max_queued_images,
     )
 
-    def decode(body: bytes, content_type: str | None) -> tuple[Inputs, torch.Tensor]:
-        inputs = decode_request(body, content_type, config.limits)
-        return inputs, model.preprocess(inputs.items)
+    pixel_budget = PixelBudget(config.max_inflight_pixels)
+    admitted = {"requests": 0, "receiving": 0}
+
+    def decode(body: bytes, content_type: str | None) -> tuple[CheckedRequest, torch.Tensor]:
+        """Check the request from its headers, reserve its pixels, then decode and preprocess image by image."""
+        request = check_request(body, content_type, config.limits)
+        with pixel_budget.reserve(request.pixels):
+            return request, model.preprocess(request.decode())
 
     async def ping(request: Request) -> Response:
         return JSONResponse(
             {"status": "ok", "runtime": model.runtime, "batches": batcher.batches, "images": batcher.images}
         )
 
+    def refuse(status: int, error: str, message: str, accepted: str) -> Response:
+        return error_response(InferenceError(status, error, message, accepted=accepted), close=True)
+
     async def invocations(request: Request) -> Response:
+        if admitted["requests"] >= config.max_requests:
+            return refuse(
+                503, "busy", f"{admitted['requests']} requests are in progress; retry shortly.",
+                f"<= {config.max_requests} concurrent requests",
+            )  # fmt: skip
+        admitted["requests"] += 1
+        try:
+            return await answer(request)
+        finally:
+            admitted["requests"] -= 1
+
+    async def receive(request: Request) -> bytes | Response:
+        """The body, or the answer to a client that sends it too slowly (408) or when too many do (503)."""
+        if admitted["receiving"] >= config.max_receiving:
+            return refuse(
+                503, "busy", f"{admitted['receiving']} requests are still sending their body; retry shortly.",
+                f"<= {config.max_receiving} requests sending their body at once",
+            )  # fmt: skip
+        admitted["receiving"] += 1
+        try:
+            async with asyncio.timeout(config.body_timeout_s):
+                return await read_body(request, config.max_body_bytes)
+        except TimeoutError:
+            return refuse(
+                408, "body_timeout", f"the request body did not arrive within {config.body_timeout_s:g} s.",
+                f"a body sent within {config.body_timeout_s:g} s",
+            )  # fmt: skip
+        finally:
+            admitted["receiving"] -= 1
+
+    async def answer(request: Request) -> Response:
         accept = request.headers.get("accept")
         try:
             accept_top_k(accept)  # refuse an unsupported Accept before doing any work
-            body = await read_body(request, config.max_body_bytes)
+            body = await receive(request)
+            if isinstance(body, Response):
+                return body
             with batcher.incoming():
                 loop = asyncio.get_running_loop()
-                inputs, pixels = await loop.run_in_executor(decoders, decode, body, request.headers.get("content-type"))
+                checked, pixels = await loop.run_in_executor(
+                    decoders, decode, body, request.headers.get("content-type")
+                )
                 future = batcher.enqueue(pixels)
             probabilities = await future
             prediction = Prediction(
-                probabilities, model.class_names, inputs.batched, inputs.top_k, default_top_k=model.top_k
+                probabilities, model.class_names, checked.batched, checked.top_k, default_top_k=model.top_k
             )
             content, media_type = output_fn(prediction, accept)
         except InferenceError as err:
-            return JSONResponse(err.body, status_code=err.status)
+            return error_response(err)
+        except ClientDisconnect:  # nobody is left to answer
+            log.debug("Client %s disconnected before sending its whole body", request.client)
+            return Response(status_code=499)  # nginx's "client closed request"; never sent
         except Exception:
             log.exception("Unexpected error while answering %s", request.url.path)
             return JSONResponse(
