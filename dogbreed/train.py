@@ -146,6 +146,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[Callback] = ()) -> dict[str
                 best_checkpoint=best_path or None, epochs=trainer.current_epoch,
                 wall_time_s=round(resume_state.wall_time_s, 1),
             )  # fmt: skip
+            datamodule.write_report(cfg.paths.output_dir)  # which files this model never saw, and why
             log.info(
                 "Model written to %s; test metrics in %s",
                 cfg.paths.model_dir,

@@ -36,6 +36,8 @@ def test_demo_trains_tests_and_exports(demo_cfg, tmp_path):
     assert metrics["val/acc_best"] == pytest.approx(metrics["best_val/acc"])  # what SageMaker's tuner scores
     assert (run / "confusion_matrix.png").stat().st_size > 1000
     assert len((run / "confusion_matrix.csv").read_text().splitlines()) == 11
+    data_report = json.loads((run / "data-report.json").read_text())  # the run keeps its own copy
+    assert data_report["excluded"] == [] and sum(data_report["counts"]["train"]) == 1500
     exported = read_model_dir(run / "model")
     assert exported.class_names[0] == "T-shirt_top" and exported.preprocessing.image_size == 56
     assert (run / "checkpoints" / "last.ckpt").is_file()
