@@ -179,6 +179,7 @@ def test_tuning_report_renders_before_a_trial_completed(tmp_path: Path, trials: 
 
 
 @pytest.mark.filterwarnings("ignore:Attempting to set identical low and high ylims")  # one batch size
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
 @pytest.mark.parametrize("direction", ["maximize", "minimize"])
 def test_parallel_coordinates_draw_every_trial_visibly(tmp_path: Path, direction: str) -> None:
     """Optuna draws the worst trial white on its light-grey background; every line must stand out from it."""
