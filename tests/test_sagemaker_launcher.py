@@ -1,13 +1,16 @@
-"""The launcher with the real SageMaker SDK v2 against a local moto server: what reaches the AWS API."""
+"""The launcher with the real SageMaker SDK v3 against a local moto server: what reaches the AWS API.
+
+Each test reads back the JSON bodies the SDK sent (a ``before-send`` hook on the session's boto3 events, which
+every client the SDK creates inherits). ``SAGEMAKER_VALIDATE_ROLE=false``: the SDK's role check calls
+iam:SimulatePrincipalPolicy, which moto does not implement.
+"""
 
 from __future__ import annotations
 
 import io
 import json
-import logging
-import os
 import tarfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -16,49 +19,74 @@ import boto3
 import pytest
 import torch
 
-os.environ.setdefault("SAGEMAKER_SUPPRESS_V2_WARNING", "1")  # v2 is pinned on purpose
-pytest.importorskip("sagemaker", minversion="2.257")
+pytest.importorskip("sagemaker.train", reason="needs the SageMaker Python SDK v3")
 
-from dogbreed.sagemaker import launcher
+from dogbreed.sagemaker import launcher, training
 from dogbreed.sagemaker.hyperparameters import hyperparameters_to_overrides, metric_regex
 
 BUCKET = "dogbreed-test"
 ROLE = "arn:aws:iam::123456789012:role/SageMakerRole"
 RULES = {"VanishingGradient", "Overfit", "Overtraining", "PoorWeightInitialization", "LossNotDecreasing"}
+TOOLKIT_KEYS = {"sagemaker_program", "sagemaker_submit_directory", "sagemaker_container_log_level", "sagemaker_region"}
 
 
 @pytest.fixture
-def sm(aws_env: str, monkeypatch: pytest.MonkeyPatch) -> Callable[..., tuple[Any, dict[str, list[dict]]]]:
-    """Factory: (config, session) plus the exact JSON bodies each SageMaker API call sent, by operation."""
+def sm(aws_env: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., tuple[Any, Any, dict]]]:
+    """Factory: (config, session, the JSON bodies each SageMaker API call sent, by operation); no telemetry."""
+    monkeypatch.setenv("SAGEMAKER_VALIDATE_ROLE", "false")
     s3 = boto3.client("s3")
     if BUCKET not in [b["Name"] for b in s3.list_buckets()["Buckets"]]:
         s3.create_bucket(Bucket=BUCKET)
-    from sagemaker.telemetry import telemetry_logging
+    from sagemaker.core.telemetry import telemetry_logging
 
-    def no_telemetry(*args: Any, **kwargs: Any) -> None:
-        raise AssertionError("telemetry request despite TelemetryOptOut")
-
-    monkeypatch.setattr(telemetry_logging, "_requests_helper", no_telemetry)
+    telemetry: list[tuple] = []
+    monkeypatch.setattr(telemetry_logging, "_send_telemetry_request", lambda *args, **kwargs: telemetry.append(args))
 
     def make(*overrides: str) -> tuple[Any, Any, dict[str, list[dict]]]:
-        args = [f"sagemaker.role={ROLE}", f"sagemaker.bucket={BUCKET}", *overrides]
-        cfg = launcher.compose_launch_config(args)
-        session = launcher.make_session(cfg.sagemaker)
+        cfg = launcher.compose_launch_config([f"sagemaker.role={ROLE}", f"sagemaker.bucket={BUCKET}", *overrides])
+        session = launcher.session_for(cfg.sagemaker)
         sent: dict[str, list[dict]] = {}
 
         def record(request: Any, **kwargs: Any) -> None:  # the bytes on the wire, after the SDK's last word
             operation = request.headers["X-Amz-Target"].decode().split(".")[-1]
             sent.setdefault(operation, []).append(json.loads(request.body))
 
-        session.sagemaker_client.meta.events.register("before-send.sagemaker", record)
+        session.boto_session.events.register("before-send.sagemaker", record)
+        for described in ("Model", "EndpointConfig", "Endpoint"):
+            session.boto_session.events.register(f"after-call.sagemaker.Describe{described}", _without_empty_shapes)
         return cfg, session, sent
 
-    return make
+    yield make
+    assert telemetry == [], "telemetry despite sagemaker.telemetry_opt_out"
+
+
+def _without_empty_shapes(parsed: dict, **kwargs: Any) -> None:
+    """moto describes unset structures as ``{}`` (``VpcConfig``, ``DataCaptureConfig``), which SageMaker leaves
+    out and sagemaker-core's resources reject; drop them as SageMaker would."""
+    for key in [k for k, v in parsed.items() if v == {}]:
+        del parsed[key]
 
 
 def _s3_object(uri: str) -> bytes:
     bucket, _, key = uri.removeprefix("s3://").partition("/")
     return boto3.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+def _channels(config: list[dict]) -> dict[str, str]:
+    return {c["ChannelName"]: c["DataSource"]["S3DataSource"]["S3Uri"] for c in config}
+
+
+def overrides_keys(overrides: list[str]) -> list[str]:
+    return [o.partition("=")[0] for o in overrides]
+
+
+def newest_pytorch_training() -> str:
+    """``major.minor`` of the newest PyTorch training image the installed SDK lists."""
+    from packaging.version import Version
+    from sagemaker.core import image_uris
+
+    newest = max(image_uris.list_versions("pytorch", "training"), key=Version)
+    return ".".join(newest.split(".")[:2])
 
 
 @pytest.mark.slow
@@ -76,30 +104,26 @@ def test_train_job_request(sm: Callable, image_folder: Callable[..., Path], tmp_
     hps = request["HyperParameters"]
     # the container turns the hyperparameters back into exactly the user's overrides
     assert hyperparameters_to_overrides(hps) == job_overrides
+    assert set(hps) - set(overrides_keys(job_overrides)) == TOOLKIT_KEYS
+    # script mode of the image's own training toolkit: the entry script from the code channel
     assert json.loads(hps["sagemaker_program"]) == "dogbreed_entry.py"
-    metrics = {m["Name"]: m["Regex"] for m in request["AlgorithmSpecification"]["MetricDefinitions"]}
+    assert json.loads(hps["sagemaker_submit_directory"]) == "/opt/ml/input/data/code/sourcedir.tar.gz"
+    spec = request["AlgorithmSpecification"]
+    assert "ContainerEntrypoint" not in spec
+    metrics = {m["Name"]: m["Regex"] for m in spec["MetricDefinitions"]}
     assert metrics == {name: metric_regex(name) for name in cfg.sagemaker.metrics}
-    assert "pytorch-training:2.6" in request["AlgorithmSpecification"]["TrainingImage"]
-    assert request["ProfilerConfig"]["ProfilingIntervalInMilliseconds"] == 500
-    rules = {r["RuleConfigurationName"].split("-")[0]: r["RuleParameters"] for r in request["DebugRuleConfigurations"]}
-    assert set(rules) == RULES
-    if "vanishing_gradient" in cfg.get("callbacks", {}).get("debugger", {}).get("rules", {}):
-        # the thresholds of the local debugger's config (conf/callbacks/debugger.yaml) reach SageMaker's rules
-        assert (
-            float(rules["VanishingGradient"]["threshold"]) == cfg.callbacks.debugger.rules.vanishing_gradient.threshold
-        )
-    assert [r["RuleConfigurationName"].split("-")[0] for r in request["ProfilerRuleConfigurations"]] == [
-        "ProfilerReport"
-    ]
-    hook = request["DebugHookConfig"]
-    # the configured collections, plus those the rules need (relu_input for poor_weight_initialization)
-    assert {"losses", "gradients", "weights"} <= {c["CollectionName"] for c in hook["CollectionConfigurations"]}
+    # ml.g5.xlarge: the GPU image of the newest PyTorch the SDK knows
+    assert f"/pytorch-training:{newest_pytorch_training()}" in spec["TrainingImage"]
+    assert "-gpu-" in spec["TrainingImage"]
+    # SageMaker-side debugger and profiler are opt-in
+    assert not {"DebugHookConfig", "DebugRuleConfigurations", "ProfilerRuleConfigurations"} & set(request)
     assert "CheckpointConfig" not in request and not request.get("EnableManagedSpotTraining")
     assert request["EnableNetworkIsolation"] is True
-    channels = {c["ChannelName"]: c["DataSource"]["S3DataSource"]["S3Uri"] for c in request["InputDataConfig"]}
+    assert request["OutputDataConfig"]["S3OutputPath"] == f"s3://{BUCKET}/dogbreed/output"
+    channels = _channels(request["InputDataConfig"])
     assert channels["training"] == f"s3://{BUCKET}/dogbreed/data/dogs"
     assert channels["weights"] == f"s3://{BUCKET}/dogbreed/weights/{weights.name}"
-    assert "code" in channels  # network isolation: the code comes in as a channel too
+    assert channels["code"].startswith(f"s3://{BUCKET}/dogbreed/code/dogbreed-")
 
     # the server has the job, the dataset and the code the container will run
     described = session.sagemaker_client.describe_training_job(TrainingJobName=name)
@@ -130,35 +154,45 @@ def test_spot_multi_instance_job_checkpoints_and_trains_ddp(sm: Callable) -> Non
     assert request["StoppingCondition"] == {"MaxRuntimeInSeconds": 86400, "MaxWaitTimeInSeconds": 172800}
     assert request["ResourceConfig"]["InstanceCount"] == 2
     hps = request["HyperParameters"]
-    assert json.loads(hps["sagemaker_torch_distributed_enabled"]) is True  # SageMaker's torchrun launcher
+    assert json.loads(hps["sagemaker_torch_distributed_enabled"]) is True  # the toolkit's torchrun launcher
     assert hyperparameters_to_overrides(hps) == [
         "data.source=s3://b/dogImages", "trainer.max_epochs=3", "trainer=ddp", "trainer.num_nodes=2"
     ]  # fmt: skip
+    assert _channels(request["InputDataConfig"]).keys() == {"code", "training"}
 
 
-@pytest.mark.parametrize(("instance_count", "spot"), [(1, True), (2, True), (1, False)])
-def test_checkpointing_jobs_lose_the_debugger_hook_and_say_so(
-    sm: Callable, caplog: pytest.LogCaptureFixture, instance_count: int, spot: bool
-) -> None:
-    """SDK v2 drops the hook of every checkpointing PyTorch job, one instance too (it counts its ``{}``
-    distribution as distributed); the launcher's warning must match what reaches the API."""
+def test_sagemaker_rules_are_opt_in_with_the_local_thresholds(sm: Callable) -> None:
     job = ["data.source=s3://b/dogImages"]
-    cfg, session, sent = sm(*job, f"sagemaker.instance_count={instance_count}", f"sagemaker.spot={spot}")
-    with caplog.at_level(logging.WARNING, logger=launcher.__name__):
-        launcher.launch_train(cfg, job, session=session)
+    cfg, session, sent = sm(*job, "sagemaker.profiler.enabled=true", "sagemaker.debugger.enabled=true")
+    launcher.launch_train(cfg, job, session=session)
     (request,) = sent["CreateTrainingJob"]
-    assert ("CheckpointConfig" in request) is spot
-    assert ("DebugHookConfig" in request) is not spot
-    # debugger rules without a hook would read nothing and still bill an instance each: left out
-    rules = {r["RuleConfigurationName"].split("-")[0] for r in request.get("DebugRuleConfigurations", [])}
-    assert ("VanishingGradient" in rules) is not spot
-    profiler_rules = [r["RuleConfigurationName"].split("-")[0] for r in request["ProfilerRuleConfigurations"]]
-    assert profiler_rules == ["ProfilerReport"]
-    warned = [r for r in caplog.records if r.name == launcher.__name__ and "debugger hook off" in r.getMessage()]
-    assert bool(warned) is spot
-    if spot:
-        assert "train without spot and always_checkpoint" in warned[0].getMessage()
-    assert "ProfilerConfig" in request  # profiler rules are unaffected either way
+    assert request["ProfilerConfig"]["ProfilingIntervalInMilliseconds"] == 500
+    assert [r["RuleConfigurationName"] for r in request["ProfilerRuleConfigurations"]] == ["ProfilerReport"]
+    rules = {r["RuleConfigurationName"]: r["RuleParameters"] for r in request["DebugRuleConfigurations"]}
+    assert set(rules) == RULES
+    assert "sagemaker-debugger-rules" in request["DebugRuleConfigurations"][0]["RuleEvaluatorImage"]
+    # the thresholds of the local debugger's config (conf/callbacks/debugger.yaml) reach SageMaker's rules
+    assert float(rules["VanishingGradient"]["threshold"]) == cfg.callbacks.debugger.rules.vanishing_gradient.threshold
+    hook = request["DebugHookConfig"]
+    assert {c["CollectionName"] for c in hook["CollectionConfigurations"]} == {"losses", "gradients", "weights"}
+    cfg.sagemaker.debugger.rules = ["no_such_rule"]
+    with pytest.raises(launcher.LaunchError, match="no_such_rule"):
+        launcher.sagemaker_rules(cfg)
+
+
+def test_training_image_is_the_newest_unless_chosen() -> None:
+    def image(**kwargs: Any) -> str:
+        settings = {"framework_version": None, "py_version": None, "image_uri": None} | kwargs
+        return training.training_image(region="eu-west-1", instance_type="ml.m5.xlarge", **settings)
+
+    assert image().startswith(
+        f"763104351884.dkr.ecr.eu-west-1.amazonaws.com/pytorch-training:{newest_pytorch_training()}"
+    )
+    assert "-cpu-py3" in image()
+    assert image(framework_version="2.6.0", py_version="py312").endswith("/pytorch-training:2.6.0-cpu-py312")
+    assert image(image_uri="123.dkr.ecr.eu-west-1.amazonaws.com/mine:1") == "123.dkr.ecr.eu-west-1.amazonaws.com/mine:1"
+    with pytest.raises(launcher.LaunchError, match=r"framework_version=9\.9.*sagemaker\.image_uri"):
+        image(framework_version="9.9")
 
 
 def test_tune_job_request(sm: Callable) -> None:
@@ -166,6 +200,7 @@ def test_tune_job_request(sm: Callable) -> None:
     cfg, session, sent = sm(
         "experiment=demo", f"data.source={data}", "model.lr=1e-3", "sagemaker.tuner.max_jobs=6",
         "sagemaker.tuner.max_parallel_jobs=3", "sagemaker.tuner.warm_start_parents=[dogbreed-earlier]",
+        "sagemaker.spot=true", "sagemaker.network_isolation=true",
     )  # fmt: skip
     _, job = launcher.split_overrides(["experiment=demo", f"data.source={data}", "model.lr=1e-3"])
     launcher.launch_tune(cfg, job, session=session)
@@ -188,7 +223,7 @@ def test_tune_job_request(sm: Callable) -> None:
     assert continuous["model.weight_decay"]["ScalingType"] == "Logarithmic"
     assert continuous["model.weight_decay"]["MinValue"] == "1e-06"
     (batch,) = ranges["CategoricalParameterRanges"]
-    # framework estimators JSON-encode categorical values; the container decodes them back to Hydra values
+    # the container decodes the tuner's values back to Hydra values
     assert batch["Name"] == "data.batch_size"
     assert [hyperparameters_to_overrides({"data.batch_size": v})[0] for v in batch["Values"]] == [
         f"data.batch_size={n}" for n in (16, 32, 64, 128)
@@ -200,42 +235,48 @@ def test_tune_job_request(sm: Callable) -> None:
     definition = request["TrainingJobDefinition"]
     static = definition["StaticHyperParameters"]
     assert "model.lr" not in static  # tuned, not fixed
-    assert [o for o in hyperparameters_to_overrides(static)] == ["experiment=demo", f"data.source={data}"]
-    metrics = {m["Name"]: m["Regex"] for m in definition["AlgorithmSpecification"]["MetricDefinitions"]}
-    assert metrics["val/acc_best"] == metric_regex("val/acc_best")  # jobs report the objective
-    assert "val/acc" in metrics
-    channels = {c["ChannelName"]: c["DataSource"]["S3DataSource"]["S3Uri"] for c in definition["InputDataConfig"]}
-    assert channels == {"training": data}
+    assert hyperparameters_to_overrides(static) == ["experiment=demo", f"data.source={data}"]
+    assert set(static) >= TOOLKIT_KEYS
+    spec = definition["AlgorithmSpecification"]
+    assert f"/pytorch-training:{newest_pytorch_training()}" in spec["TrainingImage"]
+    metrics = {m["Name"]: m["Regex"] for m in spec["MetricDefinitions"]}
+    assert metrics == {name: metric_regex(name) for name in cfg.sagemaker.metrics}  # jobs report the objective
+    channels = _channels(definition["InputDataConfig"])
+    assert channels["training"] == data and channels.keys() == {"code", "training"}
+    assert definition["EnableNetworkIsolation"] is True
+    assert definition["EnableManagedSpotTraining"] is True
+    assert definition["CheckpointConfig"]["S3Uri"] == f"s3://{BUCKET}/dogbreed/checkpoints"
+    assert definition["StoppingCondition"] == {"MaxRuntimeInSeconds": 86400, "MaxWaitTimeInSeconds": 172800}
 
 
-def test_tuner_strategies(sm: Callable, tmp_path: Path) -> None:
+def test_tuner_strategies(sm: Callable) -> None:
     cfg, session, _ = sm("experiment=demo", "sagemaker.tuner.strategy=Hyperband")
-    estimator = launcher.make_estimator(cfg, session, ["experiment=demo"], tmp_path, for_tuning=True)
-    tuner = launcher.make_tuner(cfg, estimator)
+    trainer = launcher.make_trainer(cfg, session, ["experiment=demo"], checkpoints=False)
+    tuner = launcher.make_tuner(cfg, trainer)
     assert tuner.early_stopping_type == "Off"
     assert tuner.strategy_config.hyperband_strategy_config.max_resource == cfg.trainer.max_epochs
     cfg.sagemaker.tuner.strategy = "Grid"
     with pytest.raises(launcher.LaunchError, match="categorical"):
-        launcher.make_tuner(cfg, estimator)
-    cfg.sagemaker.debugger.rules = ["no_such_rule"]
-    with pytest.raises(launcher.LaunchError, match="no_such_rule"):
-        launcher.profiler_and_debugger(cfg.sagemaker)
+        launcher.make_tuner(cfg, trainer)
+    cfg.sagemaker.tuner.strategy = "Annealing"
+    with pytest.raises(launcher.LaunchError, match="Bayesian"):
+        launcher.make_tuner(cfg, trainer)
 
 
-def test_tuner_objective_follows_optimized_metric_and_errors_name_the_key(sm: Callable, tmp_path: Path) -> None:
+def test_tuner_objective_follows_optimized_metric_and_errors_name_the_key(sm: Callable) -> None:
     cfg, session, _ = sm("experiment=demo", "optimized_metric=val/loss", "hparams_search.direction=minimize")
-    estimator = launcher.make_estimator(cfg, session, ["experiment=demo"], tmp_path, for_tuning=True)
-    tuner = launcher.make_tuner(cfg, estimator)
+    trainer = launcher.make_trainer(cfg, session, ["experiment=demo"], checkpoints=False)
+    tuner = launcher.make_tuner(cfg, trainer)
     assert (tuner.objective_metric_name, tuner.objective_type) == ("val/loss_best", "Minimize")
     cfg.hparams_search.direction = "maximize"  # the running minimum of val/loss, maximised
     with pytest.raises(launcher.LaunchError, match=r"hparams_search\.direction='maximize'.*objective_metric=val/loss"):
-        launcher.make_tuner(cfg, estimator)
+        launcher.make_tuner(cfg, trainer)
     cfg.sagemaker.tuner.objective_metric = "val/f1_best"
     with pytest.raises(launcher.LaunchError, match=r"objective_metric='val/f1_best' is not in sagemaker\.metrics"):
-        launcher.make_tuner(cfg, estimator)
+        launcher.make_tuner(cfg, trainer)
     del cfg.sagemaker.tuner.objective_metric  # a conf/sagemaker copy from before the key existed
     with pytest.raises(launcher.LaunchError, match=r"objective_metric: \$\{optimized_metric\}_best"):
-        launcher.make_tuner(cfg, estimator)
+        launcher.make_tuner(cfg, trainer)
 
 
 def test_missing_role_and_isolated_download_are_clear_errors(sm: Callable) -> None:
@@ -243,32 +284,68 @@ def test_missing_role_and_isolated_download_are_clear_errors(sm: Callable) -> No
         launcher.launch(["train", f"sagemaker.bucket={BUCKET}", "experiment=demo"])
     cfg, session, _ = sm("sagemaker.network_isolation=true", "model.weights=IMAGENET1K_V1", "data.source=s3://b/d")
     with pytest.raises(launcher.LaunchError, match="network-isolated"):
-        launcher.channels(cfg, session)
+        launcher.job_inputs(cfg, session)
+    cfg, session, _ = sm("sagemaker.network_isolation=true", "data.source=https://example.com/dogImages.zip")
+    with pytest.raises(launcher.LaunchError, match="network-isolated"):
+        launcher.job_inputs(cfg, session)
 
 
-@pytest.mark.slow
-def test_deploy_repacks_model_with_serving_code(sm: Callable, tmp_path: Path) -> None:
+def _training_output(tmp_path: Path) -> str:
+    """What a training job uploads as model.tar.gz (the model dir's files), on the moto S3."""
     archive = tmp_path / "model.tar.gz"
-    with tarfile.open(archive, "w:gz") as tar:  # what a training job uploads: the model dir's files
+    with tarfile.open(archive, "w:gz") as tar:
         for name in ("model.pt", "model_config.json", "classes.json", "preprocessing.json"):
             (tmp_path / name).write_text("{}")
             tar.add(tmp_path / name, arcname=name)
     boto3.client("s3").upload_file(str(archive), BUCKET, "dogbreed/output/job-1/output/model.tar.gz")
-    model_data = f"s3://{BUCKET}/dogbreed/output/job-1/output/model.tar.gz"
-    cfg, session, sent = sm(f"sagemaker.deploy.model_data={model_data}", "sagemaker.deploy.endpoint_name=dogbreed-ep")
+    return f"s3://{BUCKET}/dogbreed/output/job-1/output/model.tar.gz"
+
+
+def test_deploy_with_the_serving_image(sm: Callable, tmp_path: Path) -> None:
+    model_data = _training_output(tmp_path)
+    image = "123456789012.dkr.ecr.us-east-1.amazonaws.com/dogbreed-serve:cpu"
+    cfg, session, sent = sm(
+        f"sagemaker.deploy.model_data={model_data}", "sagemaker.deploy.endpoint_name=dogbreed-ep",
+        f"sagemaker.deploy.image_uri={image}", "sagemaker.network_isolation=true",
+    )  # fmt: skip
     assert launcher.deploy(cfg, session=session) == "dogbreed-ep"
 
     (model,) = sent["CreateModel"]
+    # the training job's archive as it is: `serve` finds the model dir in /opt/ml/model
+    assert model["PrimaryContainer"]["Image"] == image
+    assert model["PrimaryContainer"]["ModelDataUrl"] == model_data
+    assert model["ExecutionRoleArn"] == ROLE and model["EnableNetworkIsolation"] is True
+    (config,) = sent["CreateEndpointConfig"]
+    (variant,) = config["ProductionVariants"]
+    assert variant["ModelName"] == model["ModelName"]
+    assert (variant["InstanceType"], variant["InitialInstanceCount"]) == ("ml.m5.large", 1)
+    (endpoint,) = sent["CreateEndpoint"]
+    assert endpoint == {"EndpointName": "dogbreed-ep", "EndpointConfigName": config["EndpointConfigName"]}
+
+
+def test_deploy_falls_back_to_the_stock_container_with_code(
+    sm: Callable, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    model_data = _training_output(tmp_path)
+    cfg, session, sent = sm(f"sagemaker.deploy.model_data={model_data}", "sagemaker.deploy.endpoint_name=dogbreed-ep")
+    assert launcher.deploy(cfg, session=session) == "dogbreed-ep"
+    assert "container/Dockerfile" in caplog.text  # the warning points at the maintained image
+
+    (model,) = sent["CreateModel"]
     container = model["PrimaryContainer"]
-    assert "pytorch-inference:2.6" in container["Image"]
+    assert container["Image"].endswith("/pytorch-inference:2.6.0-cpu-py312")
     assert container["Environment"]["SAGEMAKER_PROGRAM"] == "inference.py"
+    assert container["Environment"]["SAGEMAKER_SUBMIT_DIRECTORY"] == "/opt/ml/model/code"
+    assert container["ModelDataUrl"] == f"s3://{BUCKET}/dogbreed/deploy/dogbreed-ep/model.tar.gz"
     with tarfile.open(fileobj=io.BytesIO(_s3_object(container["ModelDataUrl"]))) as tar:
         members = set(tar.getnames())
     assert {"model.pt", "classes.json", "code/inference.py", "code/dogbreed/serve/handlers.py"} <= members
-    (endpoint,) = sent["CreateEndpoint"]
-    assert endpoint["EndpointName"] == "dogbreed-ep"
-    (config,) = sent["CreateEndpointConfig"]
-    assert config["ProductionVariants"][0]["InstanceType"] == "ml.m5.large"
+
+
+def test_deploy_needs_a_model(sm: Callable) -> None:
+    cfg, session, _ = sm()
+    with pytest.raises(launcher.LaunchError, match=r"sagemaker\.deploy\.training_job"):
+        launcher.deploy(cfg, session=session)
 
 
 def test_analytics_table_and_plot(sm: Callable, tmp_path: Path) -> None:
@@ -281,7 +358,7 @@ def test_analytics_table_and_plot(sm: Callable, tmp_path: Path) -> None:
             "TrainingJobName": f"dogbreed-tune-{i:03d}", "TrainingJobArn": f"arn:aws:sagemaker:x:{i}",
             "CreationTime": datetime(2026, 1, 1, i), "TrainingStartTime": datetime(2026, 1, 1, i),
             "TrainingEndTime": datetime(2026, 1, 1, i, 30), "TrainingJobStatus": "Completed",
-            "TunedHyperParameters": {"model.lr": str(lr), "model.weight_decay": "0.0001", "data.batch_size": '"32"'},
+            "TunedHyperParameters": {"model.lr": str(lr), "model.weight_decay": "0.0001", "data.batch_size": "32"},
             "FinalHyperParameterTuningJobObjectiveMetric": {"MetricName": "val/acc_best", "Value": acc},
             "ObjectiveStatus": "Succeeded",
         }

@@ -9,7 +9,7 @@
 
 sagemaker.*, tune.* and hparams_search.* set up the job (conf/sagemaker/default.yaml lists them); every other
 override (experiment=demo, model.lr=3e-4, ...) becomes a job hyperparameter that the container turns back into
-the same override. Needs pip install -e ".[sagemaker]".
+the same override. Needs pip install -e ".[sagemaker]" (SageMaker Python SDK v3).
 """
 
 from __future__ import annotations
