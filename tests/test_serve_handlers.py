@@ -243,3 +243,24 @@ def test_probabilities_sum_to_one(model) -> None:
     prediction = predict_fn(input_fn(PHOTO.read_bytes(), "image/jpeg"), model)
     assert prediction.probabilities.shape == (1, 10)
     assert torch.allclose(prediction.probabilities.sum(dim=1), torch.ones(1))
+
+
+def test_request_pixels_are_counted_from_headers_before_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    """16 PNGs of 6300x6300 are 38 kB each: refused from their headers, with not one of them decoded."""
+    big = base64.b64encode(encode(Image.new("L", (6300, 6300)), "PNG")).decode()
+    small = encode(Image.new("RGB", (40, 40)), "PNG")
+    monkeypatch.setattr(Image.Image, "load", lambda self: pytest.fail("decoded an image"))
+    err = refused(json.dumps([big] * 16), "application/json")
+    assert err.status == 413 and err.body["error"] == "too_many_pixels_in_request"
+    monkeypatch.setenv("DOGBREED_MAX_REQUEST_PIXELS", "1000")
+    with pytest.raises(InferenceError) as info:  # SageMaker's input_fn reads the budget from the environment
+        input_fn(small, "image/png")
+    assert info.value.body["error"] == "too_many_pixels_in_request"
+
+
+def test_non_finite_answers_are_refused(model) -> None:
+    prediction = predict_fn(input_fn(PHOTO.read_bytes(), "image/jpeg"), model)
+    prediction.probabilities[0, 0] = float("nan")
+    with pytest.raises(InferenceError) as info:
+        output_fn(prediction, "application/json")
+    assert info.value.status == 400 and info.value.body["error"] == "non_finite_output"
