@@ -42,15 +42,25 @@ def invoke_http(url: str, body: bytes, content_type: str, accept: str, timeout: 
 def invoke_sagemaker(
     name: str, body: bytes, content_type: str, accept: str, *, region: str | None, endpoint_url: str | None
 ) -> dict[str, Any]:
-    """``sagemaker-runtime`` ``invoke_endpoint`` (credentials and region from the usual AWS settings)."""
+    """``sagemaker-runtime`` ``invoke_endpoint``: credentials and region from the usual AWS settings on AWS;
+    unsigned (no credentials needed) when ``endpoint_url`` points at a local ``dogbreed.serve``."""
     import boto3
-    from botocore.exceptions import ClientError
+    from botocore import UNSIGNED
+    from botocore.config import Config
+    from botocore.exceptions import BotoCoreError, ClientError
 
-    client = boto3.client("sagemaker-runtime", region_name=region, endpoint_url=endpoint_url)
+    local = {"region_name": region or "us-east-1", "config": Config(signature_version=UNSIGNED)}
     try:
+        client = boto3.client(
+            "sagemaker-runtime", endpoint_url=endpoint_url, **(local if endpoint_url else {"region_name": region})
+        )
         response = client.invoke_endpoint(EndpointName=name, Body=body, ContentType=content_type, Accept=accept)
     except ClientError as err:
         raise EndpointError(str(err)) from None
+    except BotoCoreError as err:  # no region, no credentials, unreachable endpoint
+        raise EndpointError(
+            f"{err} (set --region or AWS_DEFAULT_REGION, and AWS credentials, e.g. `aws configure`)"
+        ) from None
     return json.loads(response["Body"].read())
 
 

@@ -25,6 +25,7 @@ from dogbreed.serve.package import build_package, extract_package
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOTO = ROOT / "examples" / "images" / "Labrador_retriever_06457.jpg"
+README = (ROOT / "README.md").read_text()
 OTHER_PHOTO = ROOT / "examples" / "images" / "Brittany_02625.jpg"
 
 
@@ -173,14 +174,36 @@ def test_query_script(endpoint: Endpoint) -> None:
         ["--url", endpoint.url],
         ["--url", endpoint.url, "--content-type", "application/json"],
         ["--endpoint-name", "dogbreed", "--endpoint-url", endpoint.url, "--region", "us-east-1"],
+        ["--endpoint-name", "dogbreed", "--endpoint-url", endpoint.url],  # local: no region, no credentials
     ):
-        result = subprocess.run([*script, *extra], capture_output=True, text=True, timeout=60, env=env)
+        run_env = env if "--region" in extra else {"PATH": "", "HOME": str(ROOT / "nonexistent")}
+        result = subprocess.run([*script, *extra], capture_output=True, text=True, timeout=60, env=run_env)
         assert result.returncode == 0, result.stderr
         lines = result.stdout.splitlines()
         assert lines[0] == str(PHOTO) and lines[6] == str(OTHER_PHOTO)
         assert len(lines) == 12 and lines[1].strip().startswith("1. ") and lines[1].endswith("%")
     bad = subprocess.run([*script[:2], str(ROOT / "README.md"), "--url", endpoint.url], capture_output=True, text=True)
     assert bad.returncode == 1 and "not_an_image" in bad.stderr
+    no_aws = subprocess.run(  # SageMaker without a region or credentials: one line, not a traceback
+        [*script[:2], str(PHOTO), "--endpoint-name", "dogbreed"], capture_output=True, text=True, timeout=60,
+        env={"PATH": "", "HOME": str(ROOT / "nonexistent")},
+    )  # fmt: skip
+    assert no_aws.returncode == 1 and "--region" in no_aws.stderr and "Traceback" not in no_aws.stderr
+
+
+def test_readme_boto3_snippet_answers(
+    endpoint: Endpoint, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The README's boto3 snippet, run as written against the local server, with no AWS settings at all."""
+    snippet = README.split("```python\n")[-1].split("```")[0]
+    assert "invoke_endpoint" in snippet
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_PROFILE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(ROOT / "nonexistent"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(ROOT / "nonexistent"))
+    monkeypatch.chdir(ROOT)
+    exec(snippet.replace("http://127.0.0.1:8080", endpoint.url), {})
+    assert json.loads(capsys.readouterr().out)["predictions"][0]["label"]
 
 
 async def hammer(url: str, n: int, concurrency: int) -> tuple[list[int], list[float]]:
