@@ -1,13 +1,15 @@
 """Benchmark the endpoint against the bare model on one model and print the ratios of the serving goals.
 
-    flock /tmp/dogbreed-bench.lock python scripts/bench_serve.py [--model RUN_DIR] [--threads N]
+    flock /tmp/dogbreed-bench.lock python scripts/bench_serve.py [--model RUN_DIR] [--threads N] [--device cuda]
 
 Measures, in one run: the bare eager ``model(x)`` forward at batch 1; HTTP ``/invocations`` p50/p99 at
-concurrency 1 (a real photo, decoded and preprocessed by the server); throughput and p99 at concurrency
-16 with dynamic batching on and off; ONNX Runtime against eager at batch 1 (bare, and over HTTP).
-Goals on CPU: HTTP p50 <= 1.2x the bare forward; batching >= 2x the unbatched throughput at
-concurrency 16; ONNX Runtime >= 1.5x eager at batch 1. Without ``--model`` it uses a randomly
-initialised ResNet-18 at 224 px with 133 classes: the shape and cost of the real dog-breed model.
+concurrency 1 (a real photo, decoded and preprocessed by the server) with dynamic batching on and off;
+throughput and p99 at concurrency 16 with batching on and off; ONNX Runtime against eager at batch 1 (bare,
+and over HTTP). Goals on CPU: HTTP p50 <= 1.2x the bare forward; batching >= 2x the unbatched throughput at
+concurrency 16 (>= 3x on a GPU); ONNX Runtime >= 1.5x eager at batch 1. Eager runs where the server would (the
+GPU when there is one; ``--device`` sets ``DOGBREED_DEVICE`` for this process and the servers); ONNX Runtime
+always runs on the CPU. Without ``--model`` it uses a randomly initialised ResNet-18 at 224 px with 133
+classes: the shape and cost of the real dog-breed model.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import signal
 import socket
 import statistics
@@ -153,17 +156,26 @@ def main() -> None:
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--max-delay-ms", type=float, default=5.0)
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument(
+        "--device", choices=["auto", "cuda", "cpu"], default="auto", help="eager's device (auto: the GPU if any)"
+    )
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device here; use --device cpu or auto")
+    if args.device != "auto":
+        os.environ["DOGBREED_DEVICE"] = args.device  # read by load_model here and in the server processes
+    device = os.environ.get("DOGBREED_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_num_threads(args.threads)
     body = PHOTO.read_bytes()
     results: dict[str, Any] = {"threads": args.threads, "cpus": available_cpus(), "torch": torch.__version__}
+    results["device"] = torch.cuda.get_device_name() if device.startswith("cuda") else device
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         model_dir = find_model_dir(args.model) if args.model else synthetic_model_dir(Path(tmp))
         package = build_package(model_dir, Path(tmp) / "model.tar.gz", exports=["onnx"], runtime="eager")
         unpacked = extract_package(package, Path(tmp) / "unpacked")
         size = load_model(unpacked).preprocessing.image_size
         print(f"model: {args.model or 'random ResNet-18, 133 classes'}, {size} px; {args.threads} threads on "
-              f"{available_cpus()} CPUs; photo {PHOTO.name}")  # fmt: skip
+              f"{available_cpus()} CPUs; eager on {results['device']}; photo {PHOTO.name}")  # fmt: skip
 
         results["bare_eager_ms"] = bare_forward_ms(unpacked, "eager", args.threads, 30)
         results["bare_onnx_ms"] = bare_forward_ms(unpacked, "onnx", args.threads, 30)
@@ -181,6 +193,9 @@ def main() -> None:
                 1, after["batches"] - before["batches"]
             )
         with Server(package, *common, "--max-batch-size", "1") as server:
+            c1 = http_sequential(server.url, body, 50)
+            results["http_c1_unbatched_p50_ms"] = percentile(c1, 50)
+            results["http_c1_unbatched_p99_ms"] = percentile(c1, 99)
             rate, lat = asyncio.run(http_concurrent(server.url, body, args.requests, 16))
             results["c16_unbatched_img_s"], results["c16_unbatched_p99_ms"] = rate, percentile(lat, 99)
         with Server(package, *batching, "--runtime", "onnx") as server:
@@ -198,6 +213,10 @@ def main() -> None:
         ("bare ONNX Runtime forward, batch 1", f"p50 {r['bare_onnx_ms']:7.1f} ms"),
         ("bare eager forward, batch 16", f"p50 {r['bare_eager_b16_ms_per_image']:7.1f} ms per image"),
         ("HTTP, concurrency 1", f"p50 {r['http_c1_p50_ms']:7.1f} ms   p99 {r['http_c1_p99_ms']:7.1f} ms"),
+        (
+            "HTTP, concurrency 1, batching off",
+            f"p50 {r['http_c1_unbatched_p50_ms']:7.1f} ms   p99 {r['http_c1_unbatched_p99_ms']:7.1f} ms",
+        ),
         ("HTTP, concurrency 1, ONNX Runtime", f"p50 {r['http_c1_onnx_p50_ms']:7.1f} ms"),
         (
             "concurrency 16, batching off",
