@@ -13,7 +13,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dogbreed._io import atomic_path, write_json
 from dogbreed.transforms import Preprocessing
 
 log = logging.getLogger(__name__)
@@ -30,14 +30,6 @@ MODEL_CONFIG = "model_config.json"
 CLASSES = "classes.json"
 PREPROCESSING = "preprocessing.json"
 METRICS = "metrics.json"
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically so that an interrupted run never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
 
 
 def non_finite_tensors(state_dict: dict[str, torch.Tensor]) -> list[str]:
@@ -62,9 +54,8 @@ def write_model_dir(
             "NaN. Lower model.lr or add trainer.gradient_clip_val=1.0 and train again; it cannot be packaged.",
             len(broken), broken[0],
         )  # fmt: skip
-    tmp = model_dir / f".{MODEL_WEIGHTS}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, model_dir / MODEL_WEIGHTS)
+    with atomic_path(model_dir / MODEL_WEIGHTS) as tmp:
+        torch.save(state, tmp)
     write_json(model_dir / MODEL_CONFIG, {"backbone": backbone, "num_classes": len(class_names)})
     write_json(model_dir / CLASSES, class_names)
     write_json(model_dir / PREPROCESSING, preprocessing.to_dict())

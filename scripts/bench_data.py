@@ -28,8 +28,8 @@ from PIL import Image
 from torchvision import datasets
 from torchvision import transforms as classic
 
+from dogbreed._io import available_cpus
 from dogbreed.data import DogBreedDataModule
-from dogbreed.data.decode import available_cores
 from dogbreed.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 SIZES = [(500, 375), (375, 500), (500, 333), (640, 480), (450, 338), (500, 400), (400, 500), (600, 450)]
@@ -75,7 +75,7 @@ def epoch_rate(batches: Iterable, after: Callable = lambda b: b) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=2000, help="training images to generate")
-    parser.add_argument("--workers", type=int, default=available_cores(), help="DataLoader workers")
+    parser.add_argument("--workers", type=int, default=available_cpus(), help="DataLoader workers")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2, help="epochs per pipeline; the best one counts")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
@@ -90,7 +90,7 @@ def main() -> None:
         mb = sum(p.stat().st_size for p in (tmp / "data").rglob("*.jpg")) / 1e6
         print(
             f"{n} JPEGs ({mb / n * 1000:.0f} kB each) generated in {time.perf_counter() - start:.0f} s; "
-            f"{args.workers} workers, batch {args.batch_size}, {available_cores()} cores, torch {torch.__version__}"
+            f"{args.workers} workers, batch {args.batch_size}, {available_cpus()} cores, torch {torch.__version__}"
         )
 
         baseline = datasets.ImageFolder(

@@ -18,6 +18,7 @@ from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
 from omegaconf import open_dict
 from PIL import Image
 
+from dogbreed._io import available_cpus
 from dogbreed.config import CONFIG_DIR
 from dogbreed.data import DogBreedDataModule
 from dogbreed.data import cache as cache_module
@@ -33,7 +34,6 @@ from dogbreed.data.cache import (
 from dogbreed.data.decode import (
     DecodedImageDataset,
     auto_num_workers,
-    available_cores,
     decode_jpegs_resized,
     decodes_on_device,
     read_rgb,
@@ -375,7 +375,7 @@ def test_options_are_checked_with_clear_errors(varied, tmp_path):
     with pytest.raises(ValueError, match=r"data\.num_workers must be an integer >= 0 or 'auto'"):
         DogBreedDataModule(varied, num_workers=-1)
     dm = DogBreedDataModule(varied, num_workers="auto", persistent_workers=True)
-    assert dm.num_workers == auto_num_workers() == max(1, available_cores() - 1)
+    assert dm.num_workers == auto_num_workers() == max(1, available_cpus() - 1)
     assert dm.persistent_workers
     with pytest.raises(ValueError, match=r"data\.cache_decode_device must be auto, cpu or cuda, got 'gpu'"):
         DogBreedDataModule(varied, cache_decode_device="gpu")

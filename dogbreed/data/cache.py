@@ -36,8 +36,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
+from dogbreed._io import file_lock, read_json, write_json
 from dogbreed.data.decode import DecodedImageDataset, decode_jpegs_resized, decodes_on_device
-from dogbreed.data.staging import file_lock
 from dogbreed.transforms import Preprocessing
 
 log = logging.getLogger(__name__)
@@ -165,9 +165,8 @@ def _crc32(path: Path) -> int:
 
 def open_cache(folder: Path, key: str) -> DecodedImageCache | None:
     """The cache in ``folder`` if it is complete, intact and built for ``key``; else None (with the reason logged)."""
-    try:
-        meta = json.loads((folder / META).read_text())
-    except (OSError, ValueError):
+    meta = read_json(folder / META)
+    if meta is None:
         return None
     reason = None
     shards: dict[str, int] = meta.get("shards", {})
@@ -344,8 +343,7 @@ def build_cache(
         "index_crc32": _crc32(folder / INDEX),
         "resize_size": preprocessing.resize_size,
     }
-    (folder / f".{META}.tmp").write_text(json.dumps(meta, indent=1))
-    os.replace(folder / f".{META}.tmp", folder / META)  # last: it marks the cache complete
+    write_json(folder / META, meta, indent=1)  # last: it marks the cache complete
     cache = DecodedImageCache(folder, index, shards)
     log.info(
         "Cached %d decoded images (%.2f GB) in %.1f s", len(rel_paths), cache.nbytes / 1e9, time.perf_counter() - start

@@ -12,11 +12,12 @@ import torch
 from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
 from torch.utils.data import DataLoader, Dataset
 
+from dogbreed._io import default_cache_dir
 from dogbreed.data.cache import CachedImageDataset, DecodedImageCache, load_or_build
 from dogbreed.data.decode import DecodedImageDataset, auto_num_workers, check_decoder
 from dogbreed.data.device_aug import BatchAugment, UInt8Batch
 from dogbreed.data.layout import REPORT_NAME, DataError, DatasetIndex, build_index, write_report
-from dogbreed.data.staging import default_cache_dir, stage, state_dir
+from dogbreed.data.staging import stage, state_dir
 from dogbreed.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
 log = logging.getLogger(__name__)

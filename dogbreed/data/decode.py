@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -23,7 +22,7 @@ from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-from dogbreed.data.layout import DataError
+from dogbreed._io import DataError, available_cpus
 from dogbreed.transforms import load_rgb
 
 log = logging.getLogger(__name__)
@@ -41,14 +40,9 @@ def check_decoder(decoder: str) -> str:
     return decoder
 
 
-def available_cores() -> int:
-    """CPU cores this process may run on (its affinity mask, not the machine's total)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def auto_num_workers() -> int:
     """DataLoader workers for ``num_workers: auto``: every available core but one, kept for the training loop."""
-    return max(1, available_cores() - 1)
+    return max(1, available_cpus() - 1)
 
 
 def read_rgb(path: str | Path, decoder: str = "torchvision") -> torch.Tensor:

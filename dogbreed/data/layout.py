@@ -8,7 +8,6 @@ problems (a missing split, class folders that differ between splits, an empty cl
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import re
@@ -17,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dogbreed._io import DataError, read_json, write_json
 from dogbreed.transforms import load_rgb
 
 log = logging.getLogger(__name__)
@@ -26,10 +26,6 @@ SPLIT_ALIASES = {"valid": ("valid", "val", "validation")}
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 REPORT_NAME = "data-report.json"
 _INDEX_VERSION = 1
-
-
-class DataError(ValueError):
-    """The dataset cannot be used as it is; the message names the file or folder and the fix."""
 
 
 def display_name(folder: str) -> str:
@@ -189,7 +185,7 @@ def build_index(
     index_dir = Path(index_dir) if index_dir is not None else root
     cache_file = index_dir / f".dogbreed-index-{hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:12]}.json"
     fingerprint = _fingerprint(all_files) + f":verify={verify}:follow_symlinks={follow_symlinks}"
-    cached = _read_json(cache_file)
+    cached = read_json(cache_file)
     if cached and cached.get("fingerprint") == fingerprint and cached.get("version") == _INDEX_VERSION:
         index = DatasetIndex(
             root,
@@ -226,7 +222,7 @@ def build_index(
             "Excluded %d unusable file(s): %s%s (all in %s)", len(excluded), first, more, index_dir / REPORT_NAME
         )
     write_report(index, index_dir / REPORT_NAME)
-    _write_json(cache_file, {**index.to_json(), "fingerprint": fingerprint})
+    write_json(cache_file, {**index.to_json(), "fingerprint": fingerprint}, indent=1)
     return _check_classes(index)
 
 
@@ -252,19 +248,4 @@ def write_report(index: DatasetIndex, path: Path) -> None:
         "imbalance_ratio_train": round(index.imbalance_ratio("train"), 3) if index.samples.get("train") else None,
         "excluded": index.excluded,
     }
-    _write_json(path, report)
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _write_json(path: Path, data: dict) -> None:
-    """Write atomically: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    write_json(path, report, indent=1)

@@ -10,37 +10,34 @@ tuning trials) serialise on a file lock.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
-import json
 import logging
 import os
 import shutil
 import urllib.request
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlparse
 
-from dogbreed.data.layout import DataError, find_split_dirs
+from dogbreed._io import (
+    DataError,
+    atomic_path,
+    cache_key,
+    default_cache_dir,
+    file_lock,
+    read_json,
+    s3_client,
+    sha256_file,
+    split_s3_uri,
+    write_json,
+)
+from dogbreed.data.layout import find_split_dirs
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 _CHUNK = 1 << 20
-
-
-def default_cache_dir() -> Path:
-    """``$DOGBREED_CACHE`` or ``~/.cache/dogbreed``."""
-    return Path(os.environ.get("DOGBREED_CACHE", Path.home() / ".cache" / "dogbreed")).expanduser()
-
-
-def cache_key(source: str) -> str:
-    """A readable, collision-safe folder name for a remote source."""
-    parsed = urlparse(source)
-    stem = (parsed.netloc + parsed.path).strip("/").replace("/", "_")[-60:]
-    return f"{parsed.scheme}-{stem}-{hashlib.sha256(source.encode()).hexdigest()[:10]}"
 
 
 def is_remote(source: str) -> bool:
@@ -94,37 +91,8 @@ def dataset_root(folder: Path) -> Path:
     return folder  # let the layout check report what is missing
 
 
-@contextlib.contextmanager
-def file_lock(lock_path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``lock_path`` (processes and machines sharing the file system wait)."""
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _read_manifest(target: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads((target / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def _write_manifest(target: Path, source: str, files: dict[str, dict[str, Any]]) -> None:
-    tmp = target / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps({"source": source, "files": files}, indent=1))
-    os.replace(tmp, target / MANIFEST)
+    write_json(target / MANIFEST, {"source": source, "files": files}, indent=1)
 
 
 def safe_relpath(name: str, *, what: str) -> PurePosixPath:
@@ -138,25 +106,11 @@ def safe_relpath(name: str, *, what: str) -> PurePosixPath:
 # --- S3 -------------------------------------------------------------------------------------------
 
 
-def s3_client(endpoint_url: str | None = None) -> Any:
-    """A boto3 S3 client; ``endpoint_url`` (or ``AWS_ENDPOINT_URL``) points it at S3-compatible servers."""
-    import boto3
-
-    return boto3.client("s3", endpoint_url=endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None)
-
-
-def split_s3_uri(uri: str) -> tuple[str, str]:
-    parsed = urlparse(uri)
-    if parsed.scheme != "s3" or not parsed.netloc:
-        raise DataError(f"{uri!r} is not an s3://bucket/prefix URI.")
-    return parsed.netloc, parsed.path.lstrip("/")
-
-
 def _stage_s3(source: str, target: Path, endpoint_url: str | None) -> None:
     bucket, prefix = split_s3_uri(source)
     prefix = prefix.rstrip("/") + "/" if prefix else ""
     client = s3_client(endpoint_url)
-    manifest = (_read_manifest(target) or {}).get("files", {})
+    manifest = (read_json(target / MANIFEST) or {}).get("files", {})
     listed = {}
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         for obj in page.get("Contents", []):
@@ -176,15 +130,14 @@ def _stage_s3(source: str, target: Path, endpoint_url: str | None) -> None:
         if known and known["etag"] == etag and dest.is_file() and dest.stat().st_size == known["size"]:
             entries[rel] = known
             continue
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.part")
-        client.download_file(bucket, obj["Key"], str(tmp))
-        if tmp.stat().st_size != obj["Size"]:
-            raise DataError(
-                f"s3://{bucket}/{obj['Key']}: got {tmp.stat().st_size} bytes, expected {obj['Size']}; re-run to retry."
-            )
-        os.replace(tmp, dest)
-        entries[rel] = {"size": obj["Size"], "sha256": _sha256(dest), "etag": etag}
+        with atomic_path(dest) as tmp:
+            client.download_file(bucket, obj["Key"], str(tmp))
+            if tmp.stat().st_size != obj["Size"]:
+                raise DataError(
+                    f"s3://{bucket}/{obj['Key']}: got {tmp.stat().st_size} bytes, expected {obj['Size']}; "
+                    "re-run to retry."
+                )
+        entries[rel] = {"size": obj["Size"], "sha256": sha256_file(dest), "etag": etag}
         transferred += 1
     for stale in set(manifest) - set(listed):
         (files_dir / stale).unlink(missing_ok=True)
@@ -213,42 +166,28 @@ def upload(local_dir: str | Path, uri: str, *, endpoint_url: str | None = None) 
     return count
 
 
-def download_s3_file(uri: str, cache_dir: str | Path | None = None, *, endpoint_url: str | None = None) -> Path:
-    """Fetch one S3 object into the cache (once) and return its local path (used for weight files)."""
-    bucket, key = split_s3_uri(uri)
-    dest = Path(cache_dir or default_cache_dir()).expanduser() / "files" / cache_key(uri) / PurePosixPath(key).name
-    if dest.is_file():
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.part")
-    s3_client(endpoint_url).download_file(bucket, key, str(tmp))
-    os.replace(tmp, dest)
-    return dest
-
-
 # --- https zip archives -------------------------------------------------------------------------------
 
 
 def _stage_archive(source: str, target: Path) -> None:
-    manifest = _read_manifest(target)
+    manifest = read_json(target / MANIFEST)
     if manifest and manifest.get("source") == source and (target / "files").is_dir():
         return
     archive = target / "archive.zip"
     if not archive.is_file():
         log.info("Downloading %s", source)
-        tmp = target / "archive.zip.part"
-        try:
-            with urllib.request.urlopen(source, timeout=60) as response, open(tmp, "wb") as out:
-                expected = int(response.headers.get("Content-Length") or -1)
-                shutil.copyfileobj(response, out, _CHUNK)
-        except OSError as err:
-            raise DataError(
-                f"could not download {source} ({err}). Without network access, download the archive elsewhere, "
-                "unzip it and set data.source to the folder (or upload it with `python -m dogbreed.data upload`)."
-            ) from err
-        if expected >= 0 and tmp.stat().st_size != expected:
-            raise DataError(f"{source}: downloaded {tmp.stat().st_size} of {expected} bytes; re-run to retry.")
-        os.replace(tmp, archive)
+        with atomic_path(archive) as tmp:
+            try:
+                with urllib.request.urlopen(source, timeout=60) as response, open(tmp, "wb") as out:
+                    expected = int(response.headers.get("Content-Length") or -1)
+                    shutil.copyfileobj(response, out, _CHUNK)
+            except OSError as err:
+                raise DataError(
+                    f"could not download {source} ({err}). Without network access, download the archive elsewhere, "
+                    "unzip it and set data.source to the folder (or upload it with `python -m dogbreed.data upload`)."
+                ) from err
+            if expected >= 0 and tmp.stat().st_size != expected:
+                raise DataError(f"{source}: downloaded {tmp.stat().st_size} of {expected} bytes; re-run to retry.")
     extract = target / ".files.tmp"
     shutil.rmtree(extract, ignore_errors=True)
     entries = extract_zip(archive, extract)

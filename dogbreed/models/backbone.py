@@ -100,7 +100,7 @@ def _torchvision_pretrained(name: str, weights: str, **kwargs: Any) -> nn.Module
 
 def _read_state_dict(weights: str, cache_dir: str | Path | None) -> tuple[dict[str, torch.Tensor], str]:
     if weights.startswith("s3://"):
-        from dogbreed.data.staging import download_s3_file
+        from dogbreed._io import download_s3_file
 
         path = download_s3_file(weights, cache_dir)
     else:

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dogbreed.data.staging import split_s3_uri
+from dogbreed._io import split_s3_uri
 from dogbreed.sagemaker.session import LaunchError, s3_uri, upload_file
 
 log = logging.getLogger(__name__)

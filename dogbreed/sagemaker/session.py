@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from dogbreed.data.staging import split_s3_uri
+from dogbreed._io import split_s3_uri
 
 
 class LaunchError(ValueError):

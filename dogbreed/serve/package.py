@@ -19,10 +19,8 @@ torchvision's transforms v2) already has everything else.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import logging
-import os
 import shutil
 import tarfile
 import tempfile
@@ -35,6 +33,7 @@ from typing import Any
 import torch
 
 import dogbreed
+from dogbreed._io import atomic_path, sha256_file, write_json
 from dogbreed.artifacts import (
     CLASSES,
     MODEL_CONFIG,
@@ -42,7 +41,6 @@ from dogbreed.artifacts import (
     PREPROCESSING,
     non_finite_tensors,
     read_model_dir,
-    write_json,
 )
 from dogbreed.models.backbone import create_backbone
 from dogbreed.serve.handlers import DEFAULT_TOP_K, EXPORT_FILES, PACKAGE_MANIFEST, RUNTIMES
@@ -142,15 +140,13 @@ def build_package(
                 "source": str(Path(run_dir).resolve()),
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "versions": {"dogbreed": dogbreed.__version__, "torch": torch.__version__},
-                "sha256": {p.relative_to(root).as_posix(): _sha256(p) for p in files},
+                "sha256": {p.relative_to(root).as_posix(): sha256_file(p) for p in files},
             },
         )
         output.parent.mkdir(parents=True, exist_ok=True)
-        partial = output.with_name(f".{output.name}.tmp")
-        with tarfile.open(partial, "w:gz") as tar:
+        with atomic_path(output) as partial, tarfile.open(partial, "w:gz") as tar:
             for path in sorted(p for p in root.rglob("*") if p.is_file()):
                 tar.add(path, arcname=path.relative_to(root).as_posix(), filter=_normalise_member)
-        os.replace(partial, output)
     log.info("Wrote %s (%.1f MB, runtime %s, exports %s)", output, output.stat().st_size / 1e6, runtime, exports)
     return output
 
@@ -160,14 +156,6 @@ def _normalise_member(info: tarfile.TarInfo) -> tarfile.TarInfo:
     info.uname = info.gname = ""
     info.mode = 0o644
     return info
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _export(fmt: str, net: torch.nn.Module, example: torch.Tensor, path: Path) -> dict[str, Any]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -31,6 +30,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from dogbreed._io import available_cpus
 from dogbreed.serve.handlers import (
     BYTES_PER_PIXEL,
     CheckedRequest,
@@ -44,14 +44,6 @@ from dogbreed.serve.handlers import (
 )
 
 log = logging.getLogger(__name__)
-
-
-def available_cpus() -> int:
-    """CPUs this process may run on (respects taskset and container CPU sets)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
 
 
 @dataclass(frozen=True)
