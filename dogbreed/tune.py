@@ -32,15 +32,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from dogbreed.config import CONFIG_DIR, TuneConfigError, search_space
 from dogbreed.data import DataError
 from dogbreed.models import WeightsError
-from dogbreed.report.tuning import (
-    BEST_OVERRIDES,
-    PLOT_DIR,
-    STUDY_JSON,
-    TRIAL_COLUMNS,
-    TRIALS_CSV,
-    readable_parallel_coordinate,
-    report_tuning,
-)
+from dogbreed.report.tuning import readable_parallel_coordinate, report_tuning
+from dogbreed.rundir import BEST_OVERRIDES, MODEL_DIR, PLOT_DIR, STUDY_JSON, TRIAL_COLUMNS, TRIALS_CSV
 from dogbreed.train import train
 
 log = logging.getLogger(__name__)
@@ -145,7 +138,7 @@ def trial_config(cfg: DictConfig, values: Mapping[str, Any], trial_dir: Path) ->
         for key, value in values.items():
             OmegaConf.update(trial_cfg, key, value, merge=False)
         trial_cfg.paths.output_dir = str(trial_dir)
-        trial_cfg.paths.model_dir = str(trial_dir / "model")
+        trial_cfg.paths.model_dir = str(trial_dir / MODEL_DIR)
         trial_cfg.test = bool(cfg.tune.test_trials)
         if cfg.tune.n_jobs != 1:  # progress bars of concurrent trials would fight over one terminal
             trial_cfg.trainer.enable_progress_bar = False

@@ -66,9 +66,9 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
-from dogbreed.callbacks.profiler_rules import load_profile
 from dogbreed.config import CONFIG_DIR
 from dogbreed.data import DogBreedDataModule
+from dogbreed.rundir import load_profile
 from dogbreed.train import instantiate_group
 
 GOAL_IMAGES_PER_S = 12_000  # issue #6, one H100, AMP + channels_last + cache + device augmentation
@@ -260,7 +260,7 @@ def options(args: argparse.Namespace) -> None:
     for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
     # debugger rules judging a few steps from random weights say nothing here; each run's debug-output/ keeps them
-    logging.getLogger("dogbreed.callbacks.rules").setLevel(logging.ERROR)
+    logging.getLogger("dogbreed.rules.debugger").setLevel(logging.ERROR)
     rows = [*ROWS, COMPILE_ROW] if args.compile else ROWS
     with tempfile.TemporaryDirectory(prefix="dogbreed-bench-train-") as tmp:
         out = Path(args.out_dir or tmp)

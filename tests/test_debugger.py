@@ -13,9 +13,10 @@ from omegaconf import open_dict
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from dogbreed.callbacks import Debugger, load_trial
-from dogbreed.callbacks.debugger_rules import RULES, ClassImbalance
-from dogbreed.callbacks.rules import ISSUES, NO_ISSUES
+from dogbreed.callbacks import Debugger
+from dogbreed.rules import ISSUES, NO_ISSUES, RULES
+from dogbreed.rules.debugger import ClassImbalance
+from dogbreed.rundir import load_trial
 
 from .conftest import compose_config, make_small, write_image_folder
 

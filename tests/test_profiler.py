@@ -13,9 +13,16 @@ import torch
 from torch.utils.data import Dataset
 
 from dogbreed.callbacks import Profiler
-from dogbreed.callbacks.profiler_rules import PROFILER_RULES, ProfileData, build_profiler_rules, evaluate_profiler_rules
-from dogbreed.callbacks.rules import ISSUES, NO_ISSUES, NOT_APPLICABLE
 from dogbreed.callbacks.system_monitor import SystemMonitor
+from dogbreed.rules import (
+    ISSUES,
+    NO_ISSUES,
+    NOT_APPLICABLE,
+    PROFILER_RULES,
+    build_profiler_rules,
+    evaluate_profiler_rules,
+)
+from dogbreed.rundir import ProfileData
 
 from .test_debugger import TinyClassifier, tensors, tiny_fit
 

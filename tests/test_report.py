@@ -13,12 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dogbreed.callbacks.debug_output import Trial
-from dogbreed.callbacks.debugger_rules import RULES
-from dogbreed.callbacks.profiler_rules import PROFILER_RULES
 from dogbreed.report import build_report, plots
 from dogbreed.report.__main__ import main as report_main
 from dogbreed.report._html import table
+from dogbreed.rules import PROFILER_RULES, RULES
+from dogbreed.rundir import Trial
 
 # a 1x1 PNG: a plot the tuning report embeds as it is
 TINY_PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="

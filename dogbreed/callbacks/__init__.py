@@ -1,12 +1,15 @@
-"""Lightning callbacks for cross-cutting concerns, one module per concern."""
+"""Lightning callbacks for cross-cutting concerns, one module per concern.
 
-from dogbreed.callbacks.debug_output import Trial, load_trial
+The debugger and profiler record data into the run directory (:mod:`dogbreed.rundir`) and call the rules
+(:mod:`dogbreed.rules`); what they record is read back with :func:`dogbreed.rundir.load_trial` and
+:func:`dogbreed.rundir.load_profile`.
+"""
+
 from dogbreed.callbacks.debugger import Debugger
 from dogbreed.callbacks.finetuning import BackboneFreezeUnfreeze
 from dogbreed.callbacks.metrics_log import LogMetrics, format_metrics
 from dogbreed.callbacks.profiler import Profiler
 from dogbreed.callbacks.resume import ResumeState
-from dogbreed.callbacks.rules import RuleResult
 from dogbreed.callbacks.smdebug_bridge import SMDebugBridge
 
 __all__ = [
@@ -15,9 +18,6 @@ __all__ = [
     "LogMetrics",
     "Profiler",
     "ResumeState",
-    "RuleResult",
     "SMDebugBridge",
-    "Trial",
     "format_metrics",
-    "load_trial",
 ]

@@ -2,7 +2,7 @@
 
 Losses are kept every step; per-layer reductions of weights, gradients and activations every
 ``save_interval`` training steps (``eval_save_interval`` validation steps), written under
-``<run>/debug-output/`` (format: :mod:`dogbreed.callbacks.debug_output`). Hooks are attached only on
+``<run>/debug-output/`` (format: :mod:`dogbreed.rundir`). Hooks are attached only on
 the steps that save, and the other steps keep their losses on the device until the next flush, so
 the default intervals cost a few percent of the step time. Step counters are in the checkpoint, so a
 resumed run goes on numbering where its checkpoint was taken.
@@ -11,7 +11,7 @@ resumed run goes on numbering where its checkpoint was taken.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,26 +20,26 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from dogbreed.callbacks.debug_output import RULE_RESULTS, DebugWriter, reduce_tensor, stats_dict
-from dogbreed.callbacks.debugger_rules import RULES
-from dogbreed.callbacks.rules import Rule
+from dogbreed.rules import DebuggerRule, build_debugger_rules
+from dogbreed.rundir import DEBUG_META, REDUCTIONS, RULE_RESULTS, DebugWriter
 
 log = logging.getLogger(__name__)
 
 ACTIVATION_TYPES = (nn.Conv2d, nn.Linear, nn.ReLU)
 
 
-def build_rules(config: Mapping[str, Any] | None) -> list[Rule]:
-    """``{"overfit": {"patience": 2}, "dead_relu": false}`` -> rule objects (``null``/``{}``: defaults; false: off)."""
-    config = dict(config) if config is not None else {name: {} for name in RULES}
-    rules = []
-    for name, params in config.items():
-        if name not in RULES:
-            raise ValueError(f"callbacks.debugger.rules has an unknown rule {name!r}; known rules: {sorted(RULES)}.")
-        if params is False:
-            continue
-        rules.append(RULES[name](**dict(params or {})))
-    return rules
+def reduce_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """``[mean, std, abs_mean, l2, zeros]`` of a tensor, as one small tensor (one device sync per batch)."""
+    t = tensor.detach().float()
+    if t.numel() == 0:
+        return torch.full((5,), float("nan"), device=t.device)
+    std = t.std() if t.numel() > 1 else torch.zeros((), device=t.device)
+    return torch.stack([t.mean(), std, t.abs().mean(), torch.linalg.vector_norm(t), (t == 0).float().mean()])
+
+
+def stats_dict(values: Iterable[float]) -> dict[str, float]:
+    """Name the values of :func:`reduce_tensor` as ``tensors.jsonl`` stores them."""
+    return dict(zip(REDUCTIONS, (float(v) for v in values), strict=True))
 
 
 class Debugger(Callback):
@@ -72,7 +72,7 @@ class Debugger(Callback):
         self.run_dir = run_dir
         self.save_interval = save_interval
         self.eval_save_interval = eval_save_interval
-        self.rules = build_rules(rules)
+        self.rules = build_debugger_rules(rules)
         self.collect_activations = collect_activations
         self.flush_every = max(1, flush_every)
         if any(r.stop_training_on_fire for r in self.rules):
@@ -100,7 +100,7 @@ class Debugger(Callback):
             if hasattr(rule, hook):
                 rule.call(hook, *args)
 
-    def _rules_with(self, hook: str) -> list[Rule]:
+    def _rules_with(self, hook: str) -> list[DebuggerRule]:
         return [r for r in self.rules if hasattr(r, hook) and not r.done]
 
     def _attach(self, pl_module: L.LightningModule, full: bool = True) -> None:
@@ -202,7 +202,7 @@ class Debugger(Callback):
             context["class_names"] = index.class_names
         if self.writer:
             self.writer.write_json(
-                "meta.json",
+                DEBUG_META,
                 {
                     "model": type(pl_module).__name__,
                     "save_interval": self.save_interval,

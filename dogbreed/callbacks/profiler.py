@@ -26,19 +26,21 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from dogbreed.callbacks._jsonl import keep_records
-from dogbreed.callbacks.profiler_rules import (
-    META,
+from dogbreed.callbacks.system_monitor import SystemMonitor
+from dogbreed.rules import build_profiler_rules, evaluate_profiler_rules
+from dogbreed.rundir import (
     PROFILER_DIR,
+    PROFILER_META,
     RULE_RESULTS,
     STEPS,
     SYSTEM,
     TOP_OPS,
-    build_profiler_rules,
-    evaluate_profiler_rules,
+    TOP_OPS_TXT,
+    TRACE,
+    keep_records,
     load_profile,
+    read_rule_results,
 )
-from dogbreed.callbacks.system_monitor import SystemMonitor
 
 log = logging.getLogger(__name__)
 
@@ -216,11 +218,11 @@ class Profiler(Callback):
     def _finish_trace(self) -> None:
         prof, self._torch_profiler = self._torch_profiler, None
         prof.__exit__(None, None, None)
-        prof.export_chrome_trace(str(self.dir / "trace.json"))
+        prof.export_chrome_trace(str(self.dir / TRACE))
         cuda = torch.cuda.is_available()
         sort_by = "self_cuda_time_total" if cuda else "self_cpu_time_total"
         averages = prof.key_averages()
-        (self.dir / "top_ops.txt").write_text(averages.table(sort_by=sort_by, row_limit=self.top_ops))
+        (self.dir / TOP_OPS_TXT).write_text(averages.table(sort_by=sort_by, row_limit=self.top_ops))
         rows = sorted(averages, key=lambda e: getattr(e, sort_by.replace("cuda", "device"), 0) or e.self_cpu_time_total,
                       reverse=True)[: self.top_ops]  # fmt: skip
         ops = [
@@ -234,7 +236,7 @@ class Profiler(Callback):
             for e in rows
         ]
         (self.dir / TOP_OPS).write_text(json.dumps(ops, indent=2))
-        log.info("Profiler: torch.profiler trace of steps %s in %s", self.trace_steps, self.dir / "trace.json")
+        log.info("Profiler: torch.profiler trace of steps %s in %s", self.trace_steps, self.dir / TRACE)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.meta["train_end"] = time.time()
@@ -247,7 +249,7 @@ class Profiler(Callback):
         if self._steps_file:
             self._steps_file.flush()
         self.meta["end"] = time.time()
-        (self.dir / META).write_text(json.dumps(self.meta, indent=2))
+        (self.dir / PROFILER_META).write_text(json.dumps(self.meta, indent=2))
         results = evaluate_profiler_rules(load_profile(self.dir), self.rules)
         (self.dir / RULE_RESULTS).write_text(json.dumps([r.to_dict() for r in results], indent=2))
 
@@ -279,6 +281,5 @@ class Profiler(Callback):
             self._steps_file.close()
             self._steps_file = None
         if stage == "fit":
-            results = json.loads((self.dir / RULE_RESULTS).read_text())
-            for r in results:
+            for r in read_rule_results(self.dir) or []:
                 log.info("Profiler rule %s: %s %s", r["name"], r["status"], r["message"])

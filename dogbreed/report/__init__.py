@@ -8,6 +8,7 @@
 """
 
 from dogbreed.report.builder import build_report, collect_rules, report_run
-from dogbreed.report.tuning import build_tuning_report, is_tuning_dir, report_tuning
+from dogbreed.report.tuning import build_tuning_report, report_tuning
+from dogbreed.rundir import is_tuning_dir
 
 __all__ = ["build_report", "build_tuning_report", "collect_rules", "is_tuning_dir", "report_run", "report_tuning"]

@@ -11,7 +11,8 @@ import logging
 import sys
 
 from dogbreed.report.builder import build_report
-from dogbreed.report.tuning import build_tuning_report, is_tuning_dir
+from dogbreed.report.tuning import build_tuning_report
+from dogbreed.rundir import is_tuning_dir
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,36 +11,37 @@ from typing import Any
 
 import numpy as np
 
-from dogbreed.callbacks.debug_output import DEBUG_DIR, Trial, load_trial
-from dogbreed.callbacks.profiler_rules import (
-    PROFILER_DIR,
-    RULE_RESULTS,
-    ProfileData,
-    build_profiler_rules,
-    evaluate_profiler_rules,
-    load_profile,
-)
-from dogbreed.callbacks.rules import ERROR, ISSUES, NOT_APPLICABLE, RuleResult
 from dogbreed.report import plots
 from dogbreed.report._html import img, page, read_csv, seconds, table
+from dogbreed.rules import ERROR, ISSUES, NOT_APPLICABLE, RuleResult, build_profiler_rules, evaluate_profiler_rules
+from dogbreed.rundir import (
+    CONFUSION_CSV,
+    DEBUG_DIR,
+    LOGGED_METRICS,
+    METRICS,
+    PROFILER_DIR,
+    REPORT_DIR,
+    REPORT_HTML,
+    REPORT_RULES,
+    ProfileData,
+    Trial,
+    load_profile,
+    load_trial,
+    read_json,
+    read_rule_results,
+)
 
 log = logging.getLogger(__name__)
-
-REPORT_DIR = "report"
-HTML = "profiler-report.html"
-RULES = "rules.json"
 
 
 def collect_rules(run_dir: str | Path) -> list[RuleResult]:
     """Every configured rule's result: the debugger's as written, the profiler's as written or evaluated now."""
     run_dir = Path(run_dir)
     results: list[RuleResult] = []
-    debug_results = run_dir / DEBUG_DIR / "rule-results.json"
-    if debug_results.is_file():
-        results += [RuleResult.from_dict(r) for r in json.loads(debug_results.read_text())]
-    profiler_results = run_dir / PROFILER_DIR / RULE_RESULTS
-    if profiler_results.is_file():
-        results += [RuleResult.from_dict(r) for r in json.loads(profiler_results.read_text())]
+    results += [RuleResult.from_dict(r) for r in read_rule_results(run_dir / DEBUG_DIR) or []]
+    profiler_results = read_rule_results(run_dir / PROFILER_DIR)
+    if profiler_results is not None:
+        results += [RuleResult.from_dict(r) for r in profiler_results]
     elif (run_dir / PROFILER_DIR).is_dir():
         results += evaluate_profiler_rules(load_profile(run_dir), build_profiler_rules())
     return results
@@ -131,8 +132,8 @@ def _read_rows(path: Path) -> list[list[str]]:
 
 
 def _confusion_section(run_dir: Path) -> str:
-    rows = _read_rows(run_dir / "confusion_matrix.csv")
-    metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else {}
+    rows = _read_rows(run_dir / CONFUSION_CSV)
+    metrics = read_json(run_dir / METRICS, {})
     if not rows and not metrics:
         return '<p class="muted">No test results in this run (metrics.json, confusion_matrix.csv).</p>'
     out = ""
@@ -188,12 +189,12 @@ def build_report(run_dir: str | Path) -> tuple[Path, Path]:
     profile = load_profile(run_dir)
     out_dir = run_dir / REPORT_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
-    rules_path = out_dir / RULES
+    rules_path = out_dir / REPORT_RULES
     rules_path.write_text(json.dumps([r.to_dict() for r in results], indent=2))
 
     summary_table, phases = _job_summary(profile)
     # the CSV logger writes csv/metrics.csv, or csv/version_N/metrics.csv: take the newest
-    logged = sorted(run_dir.glob("csv/**/metrics.csv"), key=lambda p: p.stat().st_mtime)
+    logged = sorted(run_dir.glob(LOGGED_METRICS), key=lambda p: p.stat().st_mtime)
     metrics_csv = read_csv(logged[-1]) if logged else []
     stddev = next((r.parameters.get("stddev", 3) for r in results if r.name == "StepOutlier"), 3)
     sections = [
@@ -206,7 +207,7 @@ def build_report(run_dir: str | Path) -> tuple[Path, Path]:
         "<h2>Top operators</h2>" + _top_ops(profile),
         "<h2>Test results</h2>" + _confusion_section(run_dir),
     ]  # fmt: skip
-    html_path = out_dir / HTML
+    html_path = out_dir / REPORT_HTML
     html_path.write_text(page(f"dogbreed report: {run_dir.name}", "Training report", run_dir, sections))
     not_applicable = sum(r.status == NOT_APPLICABLE for r in results)
     issues = [r.name for r in results if r.status == ISSUES]

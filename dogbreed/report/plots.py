@@ -14,8 +14,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
-from dogbreed.callbacks.debug_output import Trial
-from dogbreed.callbacks.profiler_rules import ProfileData
+from dogbreed.rundir import ProfileData, Trial
 
 # text in points: 10 pt at the report's 90 dpi is 12.5 px, next to the page's 14 px table text
 FONT = 10

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import logging
 from collections import Counter
 from pathlib import Path
@@ -20,28 +19,26 @@ from matplotlib.collections import LineCollection
 from matplotlib.colors import ListedColormap
 
 from dogbreed.report._html import img, page, read_csv, seconds, table
-from dogbreed.report.builder import REPORT_DIR
+from dogbreed.rundir import (
+    BEST_OVERRIDES,
+    PLOT_DIR,
+    REPORT_DIR,
+    STUDY_JSON,
+    TRIAL_COLUMNS,
+    TRIALS_CSV,
+    TUNING_HTML,
+    is_tuning_dir,
+    read_json,
+)
 
 log = logging.getLogger(__name__)
 
-TUNING_HTML = "tuning-report.html"
-TRIALS_CSV = "trials.csv"
-STUDY_JSON = "study.json"
-BEST_OVERRIDES = "best_overrides.txt"
-PLOT_DIR = "plots"
-# the first columns of trials.csv; the tuned parameters follow
-TRIAL_COLUMNS = ("trial", "state", "objective", "epochs", "duration_s")
 # plots/<name>.png: title, and why it may be missing
 PLOTS = {
     "optimization_history": ("Optimisation history", "drawn once a trial has completed"),
     "param_importances": ("Parameter importance", "needs at least two complete trials"),
     "parallel_coordinate": ("Parallel coordinates", "drawn once a trial has completed"),
 }
-
-
-def is_tuning_dir(run_dir: str | Path) -> bool:
-    """A tuning run dir has ``trials.csv``; a training run dir does not."""
-    return (Path(run_dir) / TRIALS_CSV).is_file()
 
 
 def readable_parallel_coordinate(ax: Axes) -> Axes:
@@ -151,7 +148,7 @@ def build_tuning_report(run_dir: str | Path) -> Path:
     if not is_tuning_dir(run_dir):
         raise FileNotFoundError(f"{run_dir} has no {TRIALS_CSV}: pass the run dir of python -m dogbreed.tune.")
     study_path = run_dir / STUDY_JSON
-    study = json.loads(study_path.read_text()) if study_path.is_file() else {}
+    study = read_json(study_path, {})
     trials = read_csv(run_dir / TRIALS_CSV)
     params = [c for c in (trials[0] if trials else {}) if c not in TRIAL_COLUMNS]
     best_number = study.get("best_trial")

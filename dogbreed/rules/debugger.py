@@ -1,6 +1,7 @@
 """SageMaker Debugger's built-in rules, with SageMaker's names and default parameters.
 
-Each rule is fed by :class:`~dogbreed.callbacks.debugger.Debugger` through the hooks it defines:
+Each rule is fed through the hooks it defines, by :class:`~dogbreed.callbacks.debugger.Debugger` while
+training or by anything that replays recorded data:
 
 - ``on_fit_start(step, context)``: ``context["class_counts"]`` (training images per class), ``class_names``;
 - ``on_train_loss(step, loss)``: every training step, in order;
@@ -18,17 +19,23 @@ A hook returns a one-line reason when the rule fires.
 
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from dogbreed.callbacks.rules import Rule
+from dogbreed.rules.base import ERROR, ISSUES, NO_ISSUES, Rule, RuleResult, build_rules
+
+log = logging.getLogger(__name__)
 
 __all__ = [
+    "RULES",
     "CheckInputImages",
     "ClassImbalance",
     "DeadRelu",
+    "DebuggerRule",
     "ExplodingTensor",
     "LossNotDecreasing",
     "Overfit",
@@ -36,10 +43,63 @@ __all__ = [
     "PoorWeightInitialization",
     "VanishingGradient",
     "WeightUpdateRatio",
+    "build_debugger_rules",
 ]
 
 
-class VanishingGradient(Rule):
+class DebuggerRule(Rule):
+    """Base of the debugger rules: keeps the first firing and turns the rule's own failures into ``Error``.
+
+    Subclasses set ``name``, ``recommendation`` and the hooks they need; a hook returns a reason string
+    when the rule fires and ``None`` otherwise. After the first firing (or an error) the rule stays quiet.
+
+    Args:
+        stop_training_on_fire: Ask the trainer to stop after the step where the rule fired (Lightning honours
+            it once ``trainer.min_epochs`` are done, as for early stopping).
+    """
+
+    kind = "debugger"
+    _state = ("result", "fired_now")
+
+    def __init__(self, *, stop_training_on_fire: bool = False) -> None:
+        self.stop_training_on_fire = stop_training_on_fire
+        self.result = RuleResult(self.name, self.kind, recommendation="", parameters=self.parameters())
+        self.fired_now = False
+
+    @property
+    def done(self) -> bool:
+        return self.result.status in (ISSUES, ERROR)
+
+    def fire(self, step: int | None, reason: str) -> None:
+        self.result.status = ISSUES
+        self.result.step = step
+        self.result.message = reason
+        self.result.recommendation = self.recommendation
+        self.fired_now = True
+        log.warning("Rule %s: IssuesFound at step %s: %s", self.name, step, reason)
+
+    def call(self, hook: str, step: int | None, *args: Any) -> None:
+        """Run ``self.<hook>(step, *args)`` unless the rule is done; record a firing or an error."""
+        if self.done:
+            return
+        try:
+            reason = getattr(self, hook)(step, *args)
+        except Exception as err:  # a broken rule must not break training; it reports Error instead
+            self.result.status = ERROR
+            self.result.step = step
+            self.result.message = f"the rule failed in {hook}: {type(err).__name__}: {err}"
+            log.exception("Rule %s failed", self.name)
+            return
+        if reason:
+            self.fire(step, reason)
+
+    def set_message(self, message: str) -> None:
+        """A note on a rule that did not fire (what it checked, or why it could not judge)."""
+        if self.result.status == NO_ISSUES:
+            self.result.message = message
+
+
+class VanishingGradient(DebuggerRule):
     """Fires when the mean absolute gradient of a layer drops below ``threshold``."""
 
     name = "vanishing_gradient"
@@ -68,7 +128,7 @@ class VanishingGradient(Rule):
         return None
 
 
-class ExplodingTensor(Rule):
+class ExplodingTensor(DebuggerRule):
     """Fires on the first NaN (or, unless ``only_nan``, infinite) loss, gradient or weight."""
 
     name = "exploding_tensor"
@@ -92,7 +152,7 @@ class ExplodingTensor(Rule):
         return f"{len(bad)} weight/gradient tensor(s) hold NaN/Inf, e.g. {bad[0]}" if bad else None
 
 
-class LossNotDecreasing(Rule):
+class LossNotDecreasing(DebuggerRule):
     """Fires when the mean training loss of the last ``patience`` x ``num_steps`` steps is not ``diff_percent`` %
     below the mean of the same number of steps before them, or is ``increase_threshold_percent`` % above it.
 
@@ -150,7 +210,7 @@ class LossNotDecreasing(Rule):
         return None
 
 
-class Overfit(Rule):
+class Overfit(DebuggerRule):
     """Fires when ``(val_loss - train_loss) / train_loss > ratio_threshold`` for more than ``patience`` validation
     rounds in a row (SageMaker: the ratio "is allowed to exceed" the threshold for ``patience`` steps).
 
@@ -184,7 +244,7 @@ class Overfit(Rule):
         return None
 
 
-class Overtraining(Rule):
+class Overtraining(DebuggerRule):
     """Fires when the training loss (``patience_train``) or validation loss (``patience_validation``) stops
     improving by ``delta``.
 
@@ -230,7 +290,7 @@ class Overtraining(Rule):
         return None
 
 
-class PoorWeightInitialization(Rule):
+class PoorWeightInitialization(DebuggerRule):
     """Checks the first ``steps`` steps: ReLU-input variances across layers differ more than ``threshold`` x,
     the 5th-95th percentile spread of all gradients is below ``distribution_range``, or the loss does not
     improve for ``patience`` steps.
@@ -302,7 +362,7 @@ class PoorWeightInitialization(Rule):
         return None
 
 
-class DeadRelu(Rule):
+class DeadRelu(DebuggerRule):
     """Fires when more than ``threshold_layer`` % of a ReLU layer's channels are active on less than
     ``threshold_inactivity`` % of their inputs.
     """
@@ -331,7 +391,7 @@ class DeadRelu(Rule):
         return None
 
 
-class ClassImbalance(Rule):
+class ClassImbalance(DebuggerRule):
     """Fires when the largest training class has more than ``threshold_imbalance`` x the images of the smallest,
     or when a class is mispredicted more than ``threshold_misprediction`` of the time in the last validation
     (judged once ``samples`` validation labels were seen).
@@ -405,7 +465,7 @@ class ClassImbalance(Rule):
         return None
 
 
-class WeightUpdateRatio(Rule):
+class WeightUpdateRatio(DebuggerRule):
     """Fires when ``|update| / (|weight| + epsilon)`` of a weight tensor is above ``large_threshold`` or below
     ``small_threshold`` (L2 norms over one optimiser step).
     """
@@ -438,7 +498,7 @@ class WeightUpdateRatio(Rule):
         return None
 
 
-class CheckInputImages(Rule):
+class CheckInputImages(DebuggerRule):
     """Fires when the per-channel mean of the first ``threshold_samples`` normalised training images is more
     than ``threshold_mean`` away from 0.
     """
@@ -494,3 +554,8 @@ RULES = {
         DeadRelu, ClassImbalance, WeightUpdateRatio, CheckInputImages,
     )
 }  # fmt: skip
+
+
+def build_debugger_rules(config: Mapping[str, Any] | None) -> list[DebuggerRule]:
+    """``callbacks.debugger.rules`` -> rule objects (see :func:`~dogbreed.rules.base.build_rules`)."""
+    return build_rules(RULES, config, "callbacks.debugger.rules")

@@ -1,80 +1,22 @@
 """SageMaker's profiler rules, with SageMaker's names and thresholds, evaluated on a run's profiler output.
 
-They read only ``<run>/profiler-output/`` (:func:`load_profile`), so the report can judge an old run
-again. Rules about GPUs report ``NotApplicable`` on a run without GPU samples instead of a false alarm.
+They judge only what ``<run>/profiler-output/`` holds (:func:`dogbreed.rundir.load_profile`), so the report
+can judge an old run again. Rules about GPUs report ``NotApplicable`` on a run without GPU samples instead of
+a false alarm.
 ``patience`` (system samples skipped at the start) is capped at half the samples, so a run shorter than
 SageMaker's warm-up is still judged on its second half.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from dogbreed.callbacks.rules import ISSUES, NO_ISSUES, NOT_APPLICABLE, RuleResult
-
-PROFILER_DIR = "profiler-output"
-SYSTEM = "system.jsonl"
-STEPS = "steps.jsonl"
-META = "meta.json"
-RULE_RESULTS = "rule-results.json"
-TOP_OPS = "top_ops.json"
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # a killed run may leave half a line
-            continue
-    return rows
-
-
-@dataclass
-class ProfileData:
-    """System samples, per-step timings and job metadata of one run."""
-
-    system: list[dict[str, Any]] = field(default_factory=list)
-    steps: list[dict[str, Any]] = field(default_factory=list)
-    meta: dict[str, Any] = field(default_factory=dict)
-    top_ops: list[dict[str, Any]] = field(default_factory=list)
-
-    def series(self, key: str) -> np.ndarray:
-        return np.asarray([s[key] for s in self.system if key in s], dtype=float)
-
-    def gpu_series(self, key: str) -> np.ndarray:
-        """``samples x gpus`` array (empty when no GPU was sampled)."""
-        rows = [[g[key] for g in s.get("gpus", [])] for s in self.system]
-        width = max((len(r) for r in rows), default=0)
-        if width == 0:
-            return np.zeros((0, 0))
-        return np.asarray([r + [math.nan] * (width - len(r)) for r in rows], dtype=float)
-
-    def step_values(self, key: str) -> np.ndarray:
-        return np.asarray([s.get(key, math.nan) for s in self.steps], dtype=float)
-
-    @property
-    def has_gpu(self) -> bool:
-        return self.gpu_series("util").size > 0
-
-
-def load_profile(run_dir: str | Path) -> ProfileData:
-    """Read ``<run_dir>/profiler-output/`` (empty data where files are missing)."""
-    path = Path(run_dir)
-    if path.name != PROFILER_DIR:
-        path = path / PROFILER_DIR
-    meta = json.loads((path / META).read_text()) if (path / META).is_file() else {}
-    top_ops = json.loads((path / TOP_OPS).read_text()) if (path / TOP_OPS).is_file() else []
-    return ProfileData(_read_jsonl(path / SYSTEM), _read_jsonl(path / STEPS), meta, top_ops)
+from dogbreed.rules.base import ERROR, ISSUES, NO_ISSUES, NOT_APPLICABLE, Rule, RuleResult, build_rules
+from dogbreed.rundir import ProfileData
 
 
 def _skip(values: np.ndarray, patience: int) -> np.ndarray:
@@ -86,19 +28,16 @@ def _pct(values: np.ndarray, q: float) -> float:
     return float(np.percentile(values, q)) if values.size else math.nan
 
 
-class ProfilerRule:
-    """A rule over :class:`ProfileData`; ``evaluate`` returns its :class:`RuleResult`."""
+class ProfilerRule(Rule):
+    """A rule over :class:`~dogbreed.rundir.ProfileData`; ``evaluate`` returns its :class:`RuleResult`."""
 
     name = "ProfilerRule"
-    recommendation = ""
+    kind = "profiler"
     needs_gpu = False
-
-    def parameters(self) -> dict[str, Any]:
-        return dict(vars(self))
 
     def result(self, status: str, message: str, step: int | None = None) -> RuleResult:
         return RuleResult(
-            self.name, "profiler", status, step, message,
+            self.name, self.kind, status, step, message,
             self.recommendation if status == ISSUES else "", self.parameters(),
         )  # fmt: skip
 
@@ -421,16 +360,7 @@ PROFILER_RULES = {
 
 def build_profiler_rules(config: Mapping[str, Any] | None = None) -> list[ProfilerRule]:
     """``{"StepOutlier": {"stddev": 4}, "BatchSize": false}`` -> rules (all with defaults when None)."""
-    config = dict(config) if config is not None else {name: {} for name in PROFILER_RULES}
-    rules = []
-    for name, params in config.items():
-        if name not in PROFILER_RULES:
-            raise ValueError(
-                f"callbacks.profiler.rules has an unknown rule {name!r}; known rules: {sorted(PROFILER_RULES)}."
-            )
-        if params is not False:
-            rules.append(PROFILER_RULES[name](**dict(params or {})))
-    return rules
+    return build_rules(PROFILER_RULES, config, "callbacks.profiler.rules")
 
 
 def evaluate_profiler_rules(data: ProfileData, rules: list[ProfilerRule]) -> list[RuleResult]:
@@ -440,5 +370,5 @@ def evaluate_profiler_rules(data: ProfileData, rules: list[ProfilerRule]) -> lis
         try:
             results.append(rule.evaluate(data))
         except Exception as err:
-            results.append(rule.result("Error", f"the rule failed: {type(err).__name__}: {err}"))
+            results.append(rule.result(ERROR, f"the rule failed: {type(err).__name__}: {err}"))
     return results
