@@ -21,15 +21,10 @@ import torch
 from torch import nn
 
 from dogbreed._io import atomic_path, write_json
+from dogbreed.rundir import CLASSES, CONFUSION_CSV, CONFUSION_PNG, METRICS, MODEL_CONFIG, MODEL_WEIGHTS, PREPROCESSING
 from dogbreed.transforms import Preprocessing
 
 log = logging.getLogger(__name__)
-
-MODEL_WEIGHTS = "model.pt"
-MODEL_CONFIG = "model_config.json"
-CLASSES = "classes.json"
-PREPROCESSING = "preprocessing.json"
-METRICS = "metrics.json"
 
 
 def non_finite_tensors(state_dict: dict[str, torch.Tensor]) -> list[str]:
@@ -104,12 +99,12 @@ def write_test_results(
         result["test/per_class_acc"] = {
             name: round(float(a), 4) for name, a in zip(class_names, per_class, strict=True)
         }
-        with open(run_dir / "confusion_matrix.csv", "w", newline="") as f:
+        with open(run_dir / CONFUSION_CSV, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["true \\ predicted", *class_names])
             for name, row in zip(class_names, confusion.tolist(), strict=True):
                 writer.writerow([name, *row])
-        plot_confusion_matrix(confusion, class_names, run_dir / "confusion_matrix.png")
+        plot_confusion_matrix(confusion, class_names, run_dir / CONFUSION_PNG)
     result.update(extra)
     write_json(run_dir / METRICS, result)
     return result
