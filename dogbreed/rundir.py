@@ -53,6 +53,8 @@ from typing import Any
 
 import numpy as np
 
+from dogbreed._io import read_jsonl, write_json, write_text
+
 # training run
 METRICS = "metrics.json"
 CONFUSION_CSV = "confusion_matrix.csv"
@@ -92,20 +94,6 @@ BEST_OVERRIDES = "best_overrides.txt"
 PLOT_DIR = "plots"
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Every record of a JSON-lines file (none when it is missing); a line cut short by a killed run is skipped."""
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return rows
-
-
 def keep_records(path: Path, keep: Callable[[dict[str, Any]], bool]) -> None:
     """Rewrite ``path`` with the records ``keep`` accepts; a line cut short by a killed process goes too."""
     if not path.is_file():
@@ -118,21 +106,12 @@ def keep_records(path: Path, keep: Callable[[dict[str, Any]], bool]) -> None:
             continue
         if keep(record):
             kept.append(line + "\n")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(kept))
-    tmp.replace(path)
+    write_text(path, "".join(kept))
 
 
 def read_json(path: Path, default: Any) -> Any:
     """``path`` parsed, or ``default`` when the run did not write it."""
     return json.loads(path.read_text()) if path.is_file() else default
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically so that an interrupted run never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
 
 
 def read_rule_results(folder: Path) -> list[dict[str, Any]] | None:
