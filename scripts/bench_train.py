@@ -21,10 +21,10 @@ before it:
     + decode_jpeg             data.decoder=torchvision
     + decoded-image cache     data.cache=true
     + device augmentation     data.device_augment=true
-    + AMP + channels_last     trainer=gpu (bf16-mixed where the GPU supports it; on a CPU, bf16-mixed there)
+    + AMP + channels_last     preset=gpu (bf16-mixed where the GPU supports it; on a CPU, bf16-mixed there)
     + torch.compile           model.compile=true (only with --compile)
 
-Every row uses trainer=gpu's loader settings (``data.num_workers``: every core but one, persistent
+Every row uses preset=gpu's loader settings (``data.num_workers``: every core but one, persistent
 workers, pinned memory on CUDA), no validation and no checkpoints. The cache is built (on the GPU with
 nvjpeg under ``--device cuda``) into ``<out-dir>/cache`` before any row is timed, so the cache rows measure
 cached epochs; with ``--out-dir`` the generated images and the cache are kept and reused by the next run.
@@ -72,7 +72,7 @@ from dogbreed.rundir import load_profile
 from dogbreed.train import instantiate_group
 
 GOAL_IMAGES_PER_S = 12_000  # issue #6, one H100, AMP + channels_last + cache + device augmentation
-GOAL_ROW = "trainer=gpu"  # the row the goal is about
+GOAL_ROW = "preset=gpu"  # the row the goal is about
 # (label, overrides): each row adds its overrides to those of the rows above it
 ROWS = [
     (
@@ -82,7 +82,7 @@ ROWS = [
     ("+ decode_jpeg", ["data.decoder=torchvision"]),
     ("+ decoded-image cache", ["data.cache=true"]),
     ("+ device augmentation", ["data.device_augment=true"]),
-    ("+ {precision} + channels_last (trainer=gpu)", [GOAL_ROW]),
+    ("+ {precision} + channels_last (preset=gpu)", [GOAL_ROW]),
 ]
 COMPILE_ROW = ("+ torch.compile", ["model.compile=true"])
 

@@ -8,7 +8,7 @@
 #    hide its CUDA torch); else a new .venv. Installs `.[gpu,serve,onnx]` + pytest/httpx with
 #    constraints.txt from PyPI, or, where wheels were carried in .whl/, offline on top of the image's torch.
 # 2. pytest -m gpu on the files that hold GPU tests; a skipped GPU test fails the step.
-# 3. the demo with trainer=gpu end to end, and the profiler report's GPU rules from its report/rules.json.
+# 3. the demo with preset=gpu end to end, and the profiler report's GPU rules from its report/rules.json.
 # 4. scripts/bench_train.py --device cuda: 224 px, 6,680 generated JPEGs, one row per added option.
 # 5. scripts/bench_serve.py --device cuda: concurrency 1 and 16, dynamic batching on and off.
 # OUT_DIR gets summary.md, env.log, one log per step and demo-rules.json: 8 files, no folders, because the
@@ -199,10 +199,10 @@ record "pytest -m gpu" pytest.log "${TALLY:-no tally}"
 # the demo's CPU-side rules (CPUBottleneck, Dataloader) should not see the generator
 wait "$GEN_PID" || echo "generating the JPEGs failed or timed out: bench_train generates them itself" >>"$GEN_LOG"
 
-# --- 3. demo with trainer=gpu ------------------------------------------------------------------------------
+# --- 3. demo with preset=gpu -------------------------------------------------------------------------------
 DEMO=$WORK/demo-gpu
 rm -rf "$DEMO"
-run_step "demo" demo.log 120 "$PY" -m dogbreed.train experiment=demo trainer=gpu "hydra.run.dir=$DEMO"
+run_step "demo" demo.log 120 "$PY" -m dogbreed.train experiment=demo preset=gpu "hydra.run.dir=$DEMO"
 RULES=$DEMO/report/rules.json
 if [[ -f "$RULES" ]]; then
     cp "$RULES" "$OUT/demo-rules.json"
@@ -212,8 +212,8 @@ from pathlib import Path
 rules = {r["name"]: r for r in json.loads(Path(sys.argv[1]).read_text())}
 metrics = Path(sys.argv[2])
 acc = json.loads(metrics.read_text()).get("test/acc") if metrics.is_file() else None
-print("## Demo with trainer=gpu: the profiler's GPU rules\n")
-print(f"`python -m dogbreed.train experiment=demo trainer=gpu`: test/acc {acc if acc is None else f'{acc:.3f}'}. "
+print("## Demo with preset=gpu: the profiler's GPU rules\n")
+print(f"`python -m dogbreed.train experiment=demo preset=gpu`: test/acc {acc if acc is None else f'{acc:.3f}'}. "
       "Every rule is in demo-rules.json.\n")
 print("| rule | status | message |\n| --- | --- | --- |")
 for name in ("LowGPUUtilization", "Dataloader", "CPUBottleneck", "BatchSize", "GPUMemoryIncrease"):
@@ -227,7 +227,7 @@ else
     [[ $RC -ne 0 ]] || FAIL_WHY="no report/rules.json was written"
     DEMO_DETAIL="no report"
 fi
-record "demo, trainer=gpu" demo.log "$DEMO_DETAIL"
+record "demo, preset=gpu" demo.log "$DEMO_DETAIL"
 
 # --- 4. bench_train --device cuda --------------------------------------------------------------------------
 TRAIN_ARGS=(--device cuda --image-size 224 --images "$IMAGES" --steps 150 --warmup 15 --out-dir "$BENCH" --markdown)
@@ -245,7 +245,7 @@ fi
 SECTIONS+=("## Training throughput: \`bench_train.py ${TRAIN_ARGS[*]}\`
 
 ResNet-18 at 224 px, batch 256, ${IMAGES} generated training JPEGs (about 500x375, quality 90), options added row by row;
-the goal row (trainer=gpu): >= 12,000 images/s, GPU utilisation >= 90 %, data wait < 5 %.
+the goal row (preset=gpu): >= 12,000 images/s, GPU utilisation >= 90 %, data wait < 5 %.
 
 ${TABLE:-no rows: see bench-train.log}
 

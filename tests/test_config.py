@@ -75,13 +75,26 @@ def test_trainer_options(option, tmp_path):
     cfg = compose_config([f"trainer={option}"])
     if option in ("gpu", "ddp"):
         assert cfg.trainer.precision in ("bf16-mixed", "16-mixed")
-        assert option != "gpu" or (cfg.model.channels_last and cfg.trainer.benchmark)
+        assert option != "gpu" or cfg.trainer.benchmark
+    default = compose_config([])
+    assert (cfg.model, cfg.data) == (default.model, default.data)  # a trainer option builds the Trainer only
     cfg = make_small(cfg, tmp_path)  # the CI machine has no GPU: build the same Trainer on the CPU
     if option in ("gpu", "ddp"):
         assert cfg.trainer.precision == "32-true"  # no mixed precision on a CPU
         with open_dict(cfg):
             cfg.trainer.devices = 2 if option == "ddp" else 1
     trainer = instantiate(cfg.trainer)
+    assert isinstance(trainer, L.Trainer)
+
+
+@pytest.mark.parametrize("experiment", [[], ["experiment=demo"]])
+def test_gpu_preset_composes_trainer_gpu_with_model_and_data_speed_settings(experiment, tmp_path):
+    cfg = compose_config([*experiment, "preset=gpu"])
+    assert cfg.trainer == compose_config([*experiment, "trainer=gpu"]).trainer
+    assert cfg.trainer.precision in ("bf16-mixed", "16-mixed")
+    assert cfg.model.channels_last and cfg.trainer.benchmark
+    assert cfg.data.pin_memory and cfg.data.persistent_workers and cfg.data.num_workers == "auto"
+    trainer = instantiate(make_small(cfg, tmp_path).trainer)  # the CI machine has no GPU: built on the CPU
     assert isinstance(trainer, L.Trainer)
 
 

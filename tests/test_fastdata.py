@@ -478,7 +478,7 @@ def test_a_cache_built_with_nvjpeg_is_close_to_the_cpu_built_one(varied, tmp_pat
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_preset_trains_the_demo_with_amp_channels_last_cache_and_device_augmentation(tmp_path):
     with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
-        cfg = compose("train", overrides=["experiment=demo", "trainer=gpu"])
+        cfg = compose("train", overrides=["experiment=demo", "preset=gpu"])
     with open_dict(cfg):
         cfg.paths.update(output_dir=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"))
         cfg.paths.model_dir = str(tmp_path / "run" / "model")

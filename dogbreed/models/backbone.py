@@ -50,8 +50,8 @@ def _is_weights_file(weights: str) -> bool:
 
 
 def create_backbone(
-    name: str = "resnet18",
-    num_classes: int = 133,
+    name: str,
+    num_classes: int,
     weights: str | None = None,
     *,
     cache_dir: str | Path | None = None,

@@ -31,7 +31,7 @@ class DogBreedClassifier(L.LightningModule):
     """Image classifier over ``num_classes`` breeds.
 
     Args:
-        num_classes: Output classes (from the data: ``${data.num_classes}`` in the config).
+        num_classes: Output classes; required, since only the data knows it (``${data.num_classes}`` in the config).
         backbone: torchvision model name.
         weights: ``None``, a torchvision weights name (``IMAGENET1K_V1``) or a state-dict path / ``s3://`` URI.
         lr: Peak learning rate.
@@ -48,7 +48,7 @@ class DogBreedClassifier(L.LightningModule):
 
     def __init__(
         self,
-        num_classes: int = 133,
+        num_classes: int,
         backbone: str = "resnet18",
         weights: str | None = "IMAGENET1K_V1",
         lr: float = 1e-3,
