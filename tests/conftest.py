@@ -19,8 +19,10 @@ from omegaconf import DictConfig, open_dict
 from PIL import Image
 
 from dogbreed.config import CONFIG_DIR
+from dogbreed.data import DogBreedDataModule
+from dogbreed.data.cache import shard_name
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"  # large files kept outside the repository
 
 
 def compose_config(overrides: list[str] | None = None) -> DictConfig:
@@ -48,6 +50,18 @@ def make_small(cfg: DictConfig, tmp_path: Path) -> DictConfig:
         cfg.callbacks.pop("progress_bar", None)
         cfg.report = False  # plotting costs seconds per run; tests/test_report.py builds it on debug_demo_run
     return cfg
+
+
+@pytest.fixture(scope="session")
+def mobilenet_weights() -> Path:
+    """ImageNet MobileNetV2 backbone weights from ``../shared/weights/`` (tests never download); skips without them."""
+    path = SHARED / "weights" / "mobilenet_v2_imagenet_backbone.pth"
+    if not path.is_file():
+        pytest.skip(
+            f"{path} is absent: these tests read a real pretrained MobileNetV2 backbone state dict from outside the "
+            "repository; put mobilenet_v2_imagenet_backbone.pth there to run them."
+        )
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -115,6 +129,58 @@ def image_folder(tmp_path: Path) -> Callable[..., Path]:
         return write_image_folder(tmp_path / name, **kwargs)
 
     return make
+
+
+# --- varied JPEG folders: the fast data path's tests (decode, cache, device augmentation) --------------
+
+DATA = shard_name(0)  # the one pixel file of a cache built without worker processes
+
+# small settings so that every data test runs in well under a second
+SMALL = {"image_size": 24, "resize_size": 28, "crop_scale": (0.3, 1.0), "verify_images": False, "num_workers": 0}
+
+
+def smooth_image(width: int, height: int, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    blobs = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
+    return Image.fromarray(blobs).resize((width, height), Image.BICUBIC)
+
+
+def write_varied_folder(root: Path) -> Path:
+    """Three classes of JPEGs of different sizes and orientations, plus a PNG and a greyscale JPEG."""
+    sizes = [(40, 32), (33, 50), (64, 48), (30, 30)]
+    for split in ("train", "valid", "test"):
+        for c in range(3):
+            folder = root / split / f"{c + 1:03d}.Class{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i, (w, h) in enumerate(sizes):
+                smooth_image(w, h, seed=100 * c + i).save(folder / f"img{i}.jpg", quality=90)
+            smooth_image(36, 44, seed=c).save(folder / "img_png.png")
+            smooth_image(44, 36, seed=c).convert("L").save(folder / "img_grey.jpg", quality=90)
+    return root
+
+
+@pytest.fixture
+def varied(tmp_path: Path) -> Path:
+    return write_varied_folder(tmp_path / "data")
+
+
+def add_odd_jpegs(root: Path) -> None:
+    """A CMYK and an EXIF-rotated JPEG: a batched device decode would get both wrong, so the CPU decodes them."""
+    folder = root / "train" / "001.Class0"
+    smooth_image(40, 30, seed=5).convert("CMYK").save(folder / "img_cmyk.jpg", quality=90)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees
+    smooth_image(40, 30, seed=6).save(folder / "img_rotated.jpg", exif=exif.tobytes(), quality=90)
+
+
+def datamodule(root: Path, tmp_path: Path, **kwargs) -> DogBreedDataModule:
+    dm = DogBreedDataModule(root, cache_dir=tmp_path / "cache", **{**SMALL, **kwargs})
+    dm.setup()
+    return dm
+
+
+def cache_folder(dm: DogBreedDataModule) -> Path:
+    return dm.datasets["train"].cache.folder
 
 
 def _free_port() -> int:

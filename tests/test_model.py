@@ -17,11 +17,6 @@ from dogbreed.callbacks import BackboneFreezeUnfreeze
 from dogbreed.models import DogBreedClassifier, WeightsError, create_backbone
 from dogbreed.models.schedulers import cosine_with_warmup, step_decay
 
-from .conftest import SHARED
-
-MOBILENET = SHARED / "weights" / "mobilenet_v2_imagenet_backbone.pth"
-needs_mobilenet = pytest.mark.skipif(not MOBILENET.is_file(), reason=f"{MOBILENET} not present")
-
 
 @pytest.mark.parametrize("backbone", ["resnet18", "mobilenet_v2", "efficientnet_b0"])
 def test_logits_have_one_column_per_class_and_no_nans(backbone):
@@ -69,20 +64,18 @@ def test_no_network_fails_fast_with_how_to_supply_a_file(monkeypatch, tmp_path):
         create_backbone("resnet18", 133, "IMAGENET1K_V1")
 
 
-@needs_mobilenet
-def test_real_pretrained_backbone_loads_from_a_file_with_only_the_head_missing(caplog):
+def test_real_pretrained_backbone_loads_from_a_file_with_only_the_head_missing(caplog, mobilenet_weights):
     bn = functools.partial(nn.BatchNorm2d, eps=1e-3)
-    file_state = torch.load(MOBILENET, weights_only=True)
-    model, head = create_backbone("mobilenet_v2", 133, str(MOBILENET), norm_layer=bn)
+    file_state = torch.load(mobilenet_weights, weights_only=True)
+    model, head = create_backbone("mobilenet_v2", 133, str(mobilenet_weights), norm_layer=bn)
     assert head == "classifier.1"
     state = model.state_dict()
     assert all(torch.equal(state[k], v) for k, v in file_state.items())
     assert model(torch.rand(1, 3, 96, 96)).shape == (1, 133)
 
 
-@needs_mobilenet
-def test_a_file_that_does_not_fit_fails_with_the_mismatched_shapes(tmp_path):
-    state = torch.load(MOBILENET, weights_only=True)
+def test_a_file_that_does_not_fit_fails_with_the_mismatched_shapes(tmp_path, mobilenet_weights):
+    state = torch.load(mobilenet_weights, weights_only=True)
     state["features.0.0.weight"] = torch.zeros(16, 3, 3, 3)
     bad = tmp_path / "bad.pth"
     torch.save(state, bad)
@@ -90,10 +83,9 @@ def test_a_file_that_does_not_fit_fails_with_the_mismatched_shapes(tmp_path):
         create_backbone("mobilenet_v2", 10, str(bad))
 
 
-@needs_mobilenet
-def test_a_file_for_another_backbone_names_the_missing_keys():
+def test_a_file_for_another_backbone_names_the_missing_keys(mobilenet_weights):
     with pytest.raises(WeightsError, match=r"does not match the backbone: missing \['conv1.weight'"):
-        create_backbone("resnet18", 10, str(MOBILENET))
+        create_backbone("resnet18", 10, str(mobilenet_weights))
 
 
 def test_full_checkpoint_with_imagenet_head_is_accepted_and_head_replaced(tmp_path):
@@ -248,3 +240,19 @@ def test_a_resumed_fit_keeps_the_best_values_from_before(tmp_path):
     (last,) = tmp_path.glob("**/epoch=3*.ckpt")
     seen = _scheduled_fit(tmp_path / "resumed", max_epochs=5, ckpt_path=last)
     assert [(s["val/acc"], s["val/acc_best"]) for s in seen] == [(0.5, 1.0)]
+
+
+def test_compile_keeps_the_state_dict_keys():
+    plain = DogBreedClassifier(num_classes=3, weights=None)
+    compiled = DogBreedClassifier(num_classes=3, weights=None, compile=True)
+    assert list(compiled.net.state_dict()) == list(plain.net.state_dict())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_compiled_channels_last_model_runs_under_autocast():
+    model = DogBreedClassifier(num_classes=3, weights=None, channels_last=True, compile=True).cuda()
+    x = torch.randn(4, 3, 64, 64, device="cuda")
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    with torch.autocast("cuda", dtype=dtype):
+        assert model(x).shape == (4, 3)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -10,10 +11,14 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
 from dogbreed.artifacts import read_model_dir
+from dogbreed.config import CONFIG_DIR
 from dogbreed.train import train
+
+from .conftest import DATA
 
 DEMO_MIN_TEST_ACC = 0.5  # 10 classes: chance is 0.1; three epochs reach about 0.7
 
@@ -106,3 +111,35 @@ def test_cli_bad_source_is_one_clear_line_not_a_traceback(tmp_path):
     assert done.returncode == 2
     assert "does not exist: give a folder in the dogImages layout" in done.stderr + done.stdout
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.slow
+def test_demo_trains_to_the_same_accuracy_band_with_the_fast_options(demo_cfg):
+    torch.set_num_threads(1)  # one thread is faster than two fighting other processes on a small CI machine
+    with open_dict(demo_cfg):
+        demo_cfg.trainer.max_epochs = 1  # one full epoch reaches about 0.65, clear of the band
+        for key in ("limit_train_batches", "limit_val_batches", "limit_test_batches"):
+            demo_cfg.trainer.pop(key)
+        demo_cfg.data.update(decoder="torchvision", cache=True, device_augment=True)
+    metrics = train(demo_cfg)
+    assert metrics["test/acc"] >= DEMO_MIN_TEST_ACC, metrics
+    assert list(Path(demo_cfg.paths.cache_dir).rglob(DATA)), "the demo did not use the decoded-image cache"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_preset_trains_the_demo_with_amp_channels_last_cache_and_device_augmentation(tmp_path):
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
+        cfg = compose("train", overrides=["experiment=demo", "preset=gpu"])
+    with open_dict(cfg):
+        cfg.paths.update(output_dir=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"))
+        cfg.paths.model_dir = str(tmp_path / "run" / "model")
+        cfg.trainer.update(max_epochs=1, limit_train_batches=8, limit_val_batches=2, limit_test_batches=2)
+        cfg.trainer.enable_progress_bar = False
+        cfg.callbacks.pop("progress_bar", None)
+        cfg.data.num_workers = 1
+    assert cfg.trainer.accelerator == "gpu" and cfg.data.device_augment == "auto" and cfg.data.cache
+    metrics = train(cfg)
+    assert cfg.data.pin_memory and cfg.data.persistent_workers
+    assert cfg.trainer.precision in ("bf16-mixed", "16-mixed") and cfg.model.channels_last
+    assert math.isfinite(metrics["test/loss"])
