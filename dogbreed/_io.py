@@ -70,13 +70,6 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    """Append one record as a line (append-only files survive a kill up to the last complete line)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
 def sha256_file(path: Path) -> str:
     """Hex sha256 of a file, read in 1 MiB blocks (datasets and model weights do not fit in memory)."""
     digest = hashlib.sha256()
