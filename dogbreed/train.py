@@ -26,6 +26,7 @@ from dogbreed.config import CONFIG_DIR
 from dogbreed.data import DataError, DogBreedDataModule
 from dogbreed.models import DogBreedClassifier, WeightsError
 from dogbreed.report import report_run
+from dogbreed.rundir import METRICS
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +151,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[Callback] = ()) -> dict[str
             log.info(
                 "Model written to %s; test metrics in %s",
                 cfg.paths.model_dir,
-                Path(cfg.paths.output_dir) / "metrics.json",
+                Path(cfg.paths.output_dir) / METRICS,
             )
 
     if cfg.get("report", False) and trainer.is_global_zero:

@@ -19,7 +19,7 @@ from PIL import Image
 
 from dogbreed.data import DataError, DogBreedDataModule, build_index, stage, staging, upload
 from dogbreed.data import __main__ as data_cli
-from dogbreed.data.layout import REPORT_NAME
+from dogbreed.rundir import DATA_REPORT
 from dogbreed.transforms import load_rgb
 
 
@@ -92,7 +92,7 @@ def test_corrupt_truncated_and_non_image_files_are_excluded_and_reported(image_f
     dm = datamodule(root, tmp_path)
     dm.setup("fit")
     assert len(dm.datasets["train"]) == 18  # the 3 bad files are not among them
-    report = json.loads((staging.state_dir(root, tmp_path / "cache") / REPORT_NAME).read_text())
+    report = json.loads((staging.state_dir(root, tmp_path / "cache") / DATA_REPORT).read_text())
     excluded = {item["file"]: item["reason"] for item in report["excluded"]}
     assert set(excluded) == {
         "train/001.Alpha/truncated.jpg",

@@ -6,8 +6,9 @@ import argparse
 import logging
 import sys
 
-from dogbreed.data.layout import REPORT_NAME, SPLITS, DataError, build_index
+from dogbreed.data.layout import SPLITS, DataError, build_index
 from dogbreed.data.staging import stage, state_dir, upload
+from dogbreed.rundir import DATA_REPORT
 
 
 def _check(source: str, cache_dir: str | None, endpoint_url: str | None) -> int:
@@ -23,7 +24,7 @@ def _check(source: str, cache_dir: str | None, endpoint_url: str | None) -> int:
     print(f"{'total':<{width}}  " + "  ".join(f"{sum(counts[s]):>6}" for s in SPLITS))
     print(f"class imbalance (largest/smallest train class): {index.imbalance_ratio('train'):.2f}")
     if index.excluded:
-        print(f"problems: {len(index.excluded)} file(s) excluded (report: {report_dir / REPORT_NAME})")
+        print(f"problems: {len(index.excluded)} file(s) excluded (report: {report_dir / DATA_REPORT})")
         for item in index.excluded:
             print(f"  {item['file']}: {item['reason']}")
     else:

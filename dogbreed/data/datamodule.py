@@ -16,8 +16,9 @@ from dogbreed._io import default_cache_dir
 from dogbreed.data.cache import CachedImageDataset, DecodedImageCache, load_or_build
 from dogbreed.data.decode import DecodedImageDataset, auto_num_workers, check_decoder
 from dogbreed.data.device_aug import BatchAugment, UInt8Batch
-from dogbreed.data.layout import REPORT_NAME, DataError, DatasetIndex, build_index, write_report
+from dogbreed.data.layout import DataError, DatasetIndex, build_index, write_report
 from dogbreed.data.staging import stage, state_dir
+from dogbreed.rundir import DATA_REPORT
 from dogbreed.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
 log = logging.getLogger(__name__)
@@ -141,7 +142,7 @@ class DogBreedDataModule(L.LightningDataModule):
 
     def write_report(self, directory: str | Path) -> Path:
         """Write the data report (counts, excluded files and why) into ``directory``, e.g. the run dir."""
-        path = Path(directory) / REPORT_NAME
+        path = Path(directory) / DATA_REPORT
         write_report(self.index, path)
         return path
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dogbreed._io import DataError, read_json, write_json
+from dogbreed.rundir import DATA_REPORT
 from dogbreed.transforms import load_rgb
 
 log = logging.getLogger(__name__)
@@ -24,7 +25,6 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "valid", "test")
 SPLIT_ALIASES = {"valid": ("valid", "val", "validation")}
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
-REPORT_NAME = "data-report.json"
 _INDEX_VERSION = 1
 
 
@@ -219,16 +219,16 @@ def build_index(
         first = "; ".join(f"{e['file']}: {e['reason']}" for e in excluded[:3])
         more = f"; and {len(excluded) - 3} more" if len(excluded) > 3 else ""
         log.warning(
-            "Excluded %d unusable file(s): %s%s (all in %s)", len(excluded), first, more, index_dir / REPORT_NAME
+            "Excluded %d unusable file(s): %s%s (all in %s)", len(excluded), first, more, index_dir / DATA_REPORT
         )
-    write_report(index, index_dir / REPORT_NAME)
+    write_report(index, index_dir / DATA_REPORT)
     write_json(cache_file, {**index.to_json(), "fingerprint": fingerprint}, indent=1)
     return _check_classes(index)
 
 
 def _check_classes(index: DatasetIndex) -> DatasetIndex:
     if not any(index.samples.values()):
-        raise DataError(f"no readable images under {index.root}; see {REPORT_NAME} for why each file was excluded.")
+        raise DataError(f"no readable images under {index.root}; see {DATA_REPORT} for why each file was excluded.")
     counts = index.counts()
     empty = [f"{split}/{index.classes[i]}" for split in SPLITS for i, n in enumerate(counts[split]) if n == 0]
     if empty:
