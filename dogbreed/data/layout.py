@@ -124,12 +124,12 @@ def scan(root: str | Path) -> tuple[list[str], dict[str, dict[str, list[Path]]]]
     return classes, files
 
 
-def _check_location(path: Path, root: Path, follow_symlinks: bool) -> str | None:
-    """Why a file is unusable by where it is: a dangling link, or (unless allowed) a link leading outside ``root``."""
+def _check_location(path: Path, real_root: Path | None) -> str | None:
+    """Why a file is unusable by where it is: a dangling link, or a link leading outside ``real_root`` (the
+    dataset folder with its links resolved; None when links may lead anywhere)."""
     if not path.exists():
         return f"dangling symlink (to {os.readlink(path)}): the file it points to does not exist"
-    target = path.resolve()
-    if not follow_symlinks and not target.is_relative_to(root.resolve()):
+    if real_root is not None and not (target := path.resolve()).is_relative_to(real_root):
         return (
             f"symlink leading outside the dataset folder (to {target}); copy the file into the dataset, or set "
             "data.follow_symlinks=true to train on it"
@@ -183,7 +183,8 @@ def build_index(
     root = Path(root)
     all_files = [p for split in SPLITS for c in classes for p in files[split][c]]
     index_dir = Path(index_dir) if index_dir is not None else root
-    cache_file = index_dir / f".dogbreed-index-{hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:12]}.json"
+    real_root = root.resolve()
+    cache_file = index_dir / f".dogbreed-index-{hashlib.sha256(str(real_root).encode()).hexdigest()[:12]}.json"
     fingerprint = _fingerprint(all_files) + f":verify={verify}:follow_symlinks={follow_symlinks}"
     cached = read_json(cache_file)
     if cached and cached.get("fingerprint") == fingerprint and cached.get("version") == _INDEX_VERSION:
@@ -199,7 +200,7 @@ def build_index(
     check_content = _check_image if verify else _check_extension
 
     def check(path: Path) -> str | None:
-        return _check_location(path, root, follow_symlinks) or check_content(path)
+        return _check_location(path, None if follow_symlinks else real_root) or check_content(path)
 
     with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
         problems = dict(zip(all_files, pool.map(check, all_files), strict=True))
