@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -183,31 +184,53 @@ def cache_folder(dm: DogBreedDataModule) -> Path:
     return dm.datasets["train"].cache.folder
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
+def wait_until_up(
+    url: str, process: subprocess.Popen, *, timeout: float, log: Path | None = None, interval: float = 0.2
+) -> None:
+    """Poll ``url`` until it answers 200; raise, with the tail of ``log``, if ``process`` exits or time runs out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            why = f"exited with {process.returncode}" if process.poll() is not None else f"not up after {timeout:g} s"
+            raise RuntimeError(f"{url}: {why}\n{log.read_text()[-5000:] if log else ''}")
+        time.sleep(interval)
+
+
+def ask_about_photo(url: str, photo: Path) -> list[dict]:
+    """POST ``photo`` to ``url/invocations`` as image/jpeg; return the predictions."""
+    request = urllib.request.Request(
+        f"{url}/invocations", data=photo.read_bytes(), headers={"Content-Type": "image/jpeg"}
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())["predictions"]
+
+
 @pytest.fixture(scope="session")
 def moto_server() -> Iterator[str]:
     """A real AWS-API server (moto) on 127.0.0.1 in its own process; yields its endpoint URL."""
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/moto-api/", timeout=1)
-            break
-        except OSError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                raise RuntimeError("moto server did not start") from None
-            time.sleep(0.2)
+    try:
+        wait_until_up(f"{url}/moto-api/", proc, timeout=30)
+    except RuntimeError:
+        proc.kill()
+        raise
     yield url
     proc.terminate()
     proc.wait(timeout=10)

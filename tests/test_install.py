@@ -14,15 +14,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterable
 from pathlib import Path
 
 import boto3
 import pytest
 
-from .conftest import _free_port, write_image_folder
+from .conftest import ask_about_photo, free_port, wait_until_up, write_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOTO = ROOT / "examples" / "images" / "Labrador_retriever_06457.jpg"
@@ -215,26 +213,15 @@ def test_serve_extra_alone(tiny_model_dir: Path, tmp_path: Path) -> None:
     env = env_with(tmp_path, hidden_except("serve"))
     run([sys.executable, "-m", "dogbreed.package", str(tiny_model_dir), "-o", str(tmp_path / "model.tar.gz")],
         env=env, cwd=tmp_path)  # fmt: skip
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "dogbreed.serve", str(tmp_path / "model.tar.gz"), "--host", "127.0.0.1",
            "--port", str(port)]  # fmt: skip
     log = (tmp_path / "serve.log").open("w")
     server = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None, (tmp_path / "serve.log").read_text()
-                assert time.monotonic() < deadline, "server did not start"
-                time.sleep(0.3)
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{port}/invocations", data=PHOTO.read_bytes(), headers={"Content-Type": "image/jpeg"}
-        )
-        with urllib.request.urlopen(request, timeout=60) as response:
-            predictions = json.loads(response.read())["predictions"]
+        url = f"http://127.0.0.1:{port}"
+        wait_until_up(f"{url}/ping", server, timeout=120, log=tmp_path / "serve.log")
+        predictions = ask_about_photo(url, PHOTO)
         assert len(predictions) == 5 and predictions[0]["label"]
     finally:
         server.send_signal(signal.SIGTERM)

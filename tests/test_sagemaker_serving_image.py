@@ -14,13 +14,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from .conftest import _free_port
+from .conftest import ask_about_photo, free_port, wait_until_up
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "container" / "Dockerfile"
@@ -50,28 +48,16 @@ def test_entry_command_serves_a_packaged_model(tiny_model_dir: Path, tmp_path: P
     executable = shutil.which(command[0], path=str(Path(sys.executable).parent))
     assert executable, f"{command[0]} is not installed next to {sys.executable} (pip install -e '.[serve]')"
     model_dir = extract_package(build_package(tiny_model_dir, tmp_path / "model.tar.gz"), tmp_path / "opt/ml/model")
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "SM_MODEL_DIR": str(model_dir), "SAGEMAKER_BIND_TO_PORT": str(port)}
     env["DOGBREED_SERVE_HOST"] = "127.0.0.1"
     log_path = tmp_path / "serve.log"
     with log_path.open("w") as log:
         server = subprocess.Popen([executable, *command[1:]], env=env, cwd=tmp_path, stdout=log, stderr=log)
         try:
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as response:
-                        assert response.status == 200
-                    break
-                except OSError:
-                    assert server.poll() is None, log_path.read_text()
-                    assert time.monotonic() < deadline, "server did not start"
-                    time.sleep(0.3)
-            request = urllib.request.Request(
-                f"http://127.0.0.1:{port}/invocations", data=PHOTO.read_bytes(), headers={"Content-Type": "image/jpeg"}
-            )
-            with urllib.request.urlopen(request, timeout=60) as response:
-                predictions = json.loads(response.read())["predictions"]
+            url = f"http://127.0.0.1:{port}"
+            wait_until_up(f"{url}/ping", server, timeout=120, log=log_path)
+            predictions = ask_about_photo(url, PHOTO)
             assert len(predictions) == 5
             assert all(p["label"] and 0 <= p["probability"] <= 1 for p in predictions)
         finally:

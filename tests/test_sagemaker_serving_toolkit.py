@@ -36,6 +36,8 @@ from PIL import Image
 from dogbreed.serve.handlers import format_predictions, input_fn, model_fn, predict_fn
 from dogbreed.serve.package import build_package, extract_package
 
+from .conftest import wait_until_up
+
 PHOTO = Path(__file__).resolve().parents[1] / "examples" / "images" / "Labrador_retriever_06457.jpg"
 TS_CONFIG_FILE = Path("/etc/sagemaker-ts.properties")  # where the toolkit writes TorchServe's config
 
@@ -299,14 +301,8 @@ def sagemaker_serving(base_dir: Path, workdir: Path, log: Path) -> Iterator[tupl
             command, cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
         try:
-            deadline = time.monotonic() + 240  # Java, then a worker importing torch: tens of seconds on 2 cores
-            while True:
-                with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(f"{url}/ping", timeout=2).status_code == 200:
-                        break
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(f"TorchServe did not become healthy:\n{log.read_text()[-5000:]}")
-                time.sleep(1)
+            # Java, then a worker importing torch: tens of seconds on 2 cores
+            wait_until_up(f"{url}/ping", server, timeout=240, log=log, interval=1)
             yield url, server
         finally:
             server.send_signal(signal.SIGTERM)

@@ -6,7 +6,6 @@ import asyncio
 import base64
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,8 @@ import torch
 
 from dogbreed.serve.handlers import format_predictions, input_fn, model_fn, predict_fn
 from dogbreed.serve.package import build_package, extract_package
+
+from .conftest import free_port, wait_until_up
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOTO = ROOT / "examples" / "images" / "Labrador_retriever_06457.jpg"
@@ -41,12 +42,6 @@ class Endpoint:
     log: Path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_endpoint(model: Path, log: Path, *extra: str) -> Endpoint:
     """Start ``python -m dogbreed.serve`` and wait for ``/ping``."""
     port = free_port()
@@ -54,18 +49,13 @@ def start_endpoint(model: Path, log: Path, *extra: str) -> Endpoint:
     with open(log, "wb") as out:
         process = subprocess.Popen([*command, "--threads", "1", *extra], stdout=out, stderr=subprocess.STDOUT)
     endpoint = Endpoint(f"http://127.0.0.1:{port}", process, log)
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            if httpx.get(f"{endpoint.url}/ping", timeout=1).status_code == 200:
-                return endpoint
-        except httpx.TransportError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            process.wait()
-            raise RuntimeError(f"the endpoint did not start:\n{log.read_text()[-3000:]}")
-        time.sleep(0.2)
+    try:
+        wait_until_up(f"{endpoint.url}/ping", process, timeout=90, log=log)
+    except RuntimeError:
+        process.kill()
+        process.wait()
+        raise
+    return endpoint
 
 
 def stop_endpoint(endpoint: Endpoint) -> None:
