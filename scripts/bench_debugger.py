@@ -20,11 +20,10 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
 from dogbreed.callbacks import Debugger
-from dogbreed.config import CONFIG_DIR
+from dogbreed.config import compose_config
 from dogbreed.train import train
 
 
@@ -45,8 +44,7 @@ class StepTimer(L.Callback):
 
 def run(with_debugger: bool, epochs: int, limit_batches: int | None, out: Path) -> tuple[float, float]:
     """One demo run; returns the mean step time in (CPU seconds, wall seconds)."""
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
-        cfg = compose("train", overrides=["experiment=demo", "callbacks=none", "logger=none"])
+    cfg = compose_config("train", ["experiment=demo", "callbacks=none", "logger=none"])
     with open_dict(cfg):
         cfg.paths.output_dir = str(out)
         cfg.paths.model_dir = str(out / "model")

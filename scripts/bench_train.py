@@ -62,11 +62,10 @@ import lightning as L
 import numpy as np
 import torch
 from bench_data import generate  # this folder's data generator (a script's own folder is on sys.path)
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
-from dogbreed.config import CONFIG_DIR
+from dogbreed.config import compose_config
 from dogbreed.data import DogBreedDataModule
 from dogbreed.rundir import load_profile
 from dogbreed.train import instantiate_group
@@ -88,8 +87,7 @@ COMPILE_ROW = ("+ torch.compile", ["model.compile=true"])
 
 
 def demo_config(out_dir: Path, batch_size: int, steps: int) -> DictConfig:
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
-        cfg = compose("train", overrides=["experiment=demo"])
+    cfg = compose_config("train", ["experiment=demo"])
     with open_dict(cfg):
         cfg.paths.output_dir = str(out_dir)
         cfg.paths.cache_dir = str(out_dir / "cache")
@@ -186,8 +184,7 @@ def options_config(
     overrides: list[str], data_dir: Path, out_dir: Path, args: argparse.Namespace, steps: int
 ) -> DictConfig:
     """``conf/train.yaml`` with one row's ``overrides``, pointed at the generated data and shrunk to ``steps``."""
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
-        cfg = compose("train", overrides=overrides)
+    cfg = compose_config("train", overrides)
     with open_dict(cfg):
         cfg.paths.output_dir = str(out_dir)
         cfg.paths.cache_dir = str(data_dir.parent / "cache")  # shared by the rows: built once, before timing
@@ -204,7 +201,12 @@ def options_config(
         )  # fmt: skip
         if args.device == "cpu" and cfg.trainer.precision != "32-true":
             cfg.trainer.precision = "bf16-mixed"  # what a CPU autocasts to (16-mixed is GPU-only)
-        for name in ("progress_bar", "early_stopping", "model_checkpoint"):  # no validation, no checkpoints
+        for name in (
+            "progress_bar",
+            "early_stopping",
+            "model_checkpoint",
+            "last_checkpoint",
+        ):  # no validation, no checkpoints
             cfg.callbacks.pop(name, None)
     return cfg
 

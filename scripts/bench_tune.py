@@ -20,11 +20,10 @@ import time
 from pathlib import Path
 
 import optuna
-from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
 from dogbreed import tune as tune_mod
-from dogbreed.config import CONFIG_DIR
+from dogbreed.config import compose_config
 
 
 def run_arm(args: argparse.Namespace, seed: int, sampler: str, pruner: str, out: Path) -> dict:
@@ -48,8 +47,7 @@ def run_arm(args: argparse.Namespace, seed: int, sampler: str, pruner: str, out:
         f"paths.output_dir={out}",
         f"paths.cache_dir={args.out / 'cache'}",
     ]
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
-        cfg = compose("tune", overrides=overrides)
+    cfg = compose_config("tune", overrides)
     with open_dict(cfg):
         cfg.paths.model_dir = str(out / "model")
         # only pruning may end a trial early (no early stopping), and no per-trial debugger/profiler cost

@@ -15,11 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 from PIL import Image
 
-from dogbreed.config import CONFIG_DIR
+from dogbreed.config import compose_config as compose
 from dogbreed.data import DogBreedDataModule
 from dogbreed.data.cache import shard_name
 
@@ -28,8 +27,7 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"  # large files ke
 
 def compose_config(overrides: list[str] | None = None) -> DictConfig:
     """Compose ``conf/train.yaml`` exactly as the CLI does, without Hydra's runtime."""
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
-        return compose("train", overrides=overrides or [])
+    return compose("train", overrides or [])
 
 
 def make_small(cfg: DictConfig, tmp_path: Path) -> DictConfig:

@@ -11,14 +11,12 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
 from dogbreed.artifacts import read_model_dir
-from dogbreed.config import CONFIG_DIR
 from dogbreed.train import train
 
-from .conftest import DATA
+from .conftest import DATA, compose_config
 
 DEMO_MIN_TEST_ACC = 0.5  # 10 classes: chance is 0.1; three epochs reach about 0.7
 
@@ -129,8 +127,7 @@ def test_demo_trains_to_the_same_accuracy_band_with_the_fast_options(demo_cfg):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_preset_trains_the_demo_with_amp_channels_last_cache_and_device_augmentation(tmp_path):
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
-        cfg = compose("train", overrides=["experiment=demo", "preset=gpu"])
+    cfg = compose_config(["experiment=demo", "preset=gpu"])
     with open_dict(cfg):
         cfg.paths.update(output_dir=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"))
         cfg.paths.model_dir = str(tmp_path / "run" / "model")

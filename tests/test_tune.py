@@ -9,13 +9,13 @@ from pathlib import Path
 
 import optuna
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf, open_dict
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState
 
 from dogbreed import tune as tune_mod
-from dogbreed.config import CONFIG_DIR, TuneConfigError, search_space
+from dogbreed.config import TuneConfigError, search_space
+from dogbreed.config import compose_config as compose
 from dogbreed.train import train
 
 from .conftest import compose_config, make_small
@@ -45,8 +45,7 @@ def finished_study(trials: list[tuple[TrialState, float | None, float, int]]) ->
 
 
 def compose_tune(overrides: list[str]) -> DictConfig:
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
-        return compose("tune", overrides=overrides)
+    return compose("tune", overrides)
 
 
 @pytest.fixture

@@ -123,9 +123,7 @@ def without_progress_bar(cfg: DictConfig) -> DictConfig:
 
 def main() -> None:
     """Compose ``conf/train.yaml`` with the job's overrides and train; metric lines go to stdout (CloudWatch)."""
-    from hydra import compose, initialize_config_dir
-
-    from dogbreed.config import CONFIG_DIR
+    from dogbreed.config import compose_config
     from dogbreed.train import train
 
     # one write per line: the toolkit reads stdout in chunks and cuts lines where a block buffer would split them
@@ -140,8 +138,7 @@ def main() -> None:
         given = hyperparameters_to_overrides(read_hyperparameters())
         overrides = [*given, *container_overrides()]  # the container's locations win over the user's
         log.info("Overrides: %s", " ".join(overrides))
-        with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
-            cfg = without_progress_bar(compose("train", overrides=overrides))
+        cfg = without_progress_bar(compose_config("train", overrides))
         metrics = train(cfg)
     except Exception as err:
         failure = base_dir() / "output" / "failure"  # the toolkit keeps an existing one

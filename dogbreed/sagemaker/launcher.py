@@ -16,10 +16,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
-from dogbreed.config import CONFIG_DIR, search_space
+from dogbreed.config import compose_config, search_space
 from dogbreed.sagemaker import inputs, training
 from dogbreed.sagemaker.inputs import source_dir
 from dogbreed.sagemaker.session import LaunchError, make_session
@@ -41,8 +40,7 @@ def split_overrides(overrides: Sequence[str]) -> tuple[list[str], list[str]]:
 
 def compose_launch_config(overrides: Sequence[str]) -> DictConfig:
     """``conf/launch_sagemaker.yaml`` with all overrides (the launcher reads the job's config too)."""
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
-        return compose("launch_sagemaker", overrides=list(overrides))
+    return compose_config("launch_sagemaker", overrides)
 
 
 def required(sm: DictConfig, key: str) -> Any:
