@@ -209,10 +209,17 @@ def read_manifest(model_dir: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def load_model(model_dir: str | Path, *, runtime: str | None = None, num_threads: int | None = None) -> DogBreedModel:
+def load_model(
+    model_dir: str | Path,
+    *,
+    runtime: str | None = None,
+    num_threads: int | None = None,
+    device: str | torch.device | None = None,
+) -> DogBreedModel:
     """Load a model package or a run's ``model/`` dir with the runtime the package recorded (or ``runtime``).
 
-    Weights are read with ``weights_only=True``; nothing is unpickled.
+    Weights are read with ``weights_only=True``; nothing is unpickled. ``device`` (batch prediction's
+    ``--device``) wins over ``DOGBREED_DEVICE``, which wins over CUDA when there is one.
     """
     model_dir = Path(model_dir)
     manifest = read_manifest(model_dir)
@@ -234,7 +241,9 @@ def load_model(model_dir: str | Path, *, runtime: str | None = None, num_threads
             f"({reason or str(err).splitlines()[0]}); rebuild the package with `python -m dogbreed.package`."
         ) from err
     # A GPU endpoint instance (ml.g4dn ...) runs eager and TorchScript on its GPU; DOGBREED_DEVICE overrides.
-    device = torch.device(os.environ.get("DOGBREED_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(
+        device or os.environ.get("DOGBREED_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    )
     if runtime == "eager":
         net, _ = create_backbone(md.backbone, num_classes=len(md.class_names), weights=None)
         net.load_state_dict(md.state_dict)
