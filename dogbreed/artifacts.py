@@ -99,15 +99,20 @@ def write_test_results(
         result["test/per_class_acc"] = {
             name: round(float(a), 4) for name, a in zip(class_names, per_class, strict=True)
         }
-        with open(run_dir / CONFUSION_CSV, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["true \\ predicted", *class_names])
-            for name, row in zip(class_names, confusion.tolist(), strict=True):
-                writer.writerow([name, *row])
+        write_confusion_csv(run_dir / CONFUSION_CSV, confusion, class_names)
         plot_confusion_matrix(confusion, class_names, run_dir / CONFUSION_PNG)
     result.update(extra)
     write_json(run_dir / METRICS, result)
     return result
+
+
+def write_confusion_csv(path: Path, confusion: torch.Tensor, class_names: list[str]) -> None:
+    """One row per true class, one column per predicted class (the test's and batch prediction's layout)."""
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["true \\ predicted", *class_names])
+        for name, row in zip(class_names, confusion.tolist(), strict=True):
+            writer.writerow([name, *row])
 
 
 def plot_confusion_matrix(confusion: torch.Tensor, class_names: list[str], path: Path) -> None:
