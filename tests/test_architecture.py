@@ -18,8 +18,9 @@ import pytest
 from .test_install import env_with
 
 PACKAGE = Path(__file__).resolve().parents[1] / "dogbreed"
-# the extras' own code; package.py is the ``python -m dogbreed.package`` entry point of serve/package.py
-OUTSIDE_CORE = ("serve/", "sagemaker/", "tune.py", "package.py")
+# the extras' own code; package.py is the ``python -m dogbreed.package`` entry point of serve/package.py, and
+# predict.py runs the serving handlers over many files
+OUTSIDE_CORE = ("serve/", "sagemaker/", "tune.py", "package.py", "predict.py")
 OPTIONAL = ("dogbreed.serve", "dogbreed.sagemaker", "sagemaker", "optuna", "smdebug", "starlette", "uvicorn")
 TRAINING = ("lightning", "pytorch_lightning", "dogbreed.callbacks", "dogbreed.train")
 LIGHTNING_FREE = ("report/", "rules/", "rundir.py")
@@ -81,8 +82,10 @@ def test_report_and_rules_never_import_lightning_or_training() -> None:
 
 
 def test_serving_never_imports_lightning_or_training() -> None:
-    """An endpoint starts fast and carries few dependencies: no Lightning, no training callbacks."""
-    assert _violations(_files(under=("serve/",)), TRAINING, module_level=False) == []
+    """An endpoint (and batch prediction, its code path) starts fast with few dependencies: no Lightning."""
+    files = _files(under=("serve/", "predict.py"))
+    assert PACKAGE / "predict.py" in files
+    assert _violations(files, TRAINING, module_level=False) == []
 
 
 def test_the_checks_see_imports() -> None:
@@ -109,7 +112,7 @@ def test_report_builds_without_lightning(debug_demo_run: Path, tmp_path: Path) -
     assert (run_dir / "report" / "rules.json").is_file()
 
 
-@pytest.mark.parametrize("module", ["dogbreed.report", "dogbreed.rules", "dogbreed.rundir"])
+@pytest.mark.parametrize("module", ["dogbreed.report", "dogbreed.rules", "dogbreed.rundir", "dogbreed.predict"])
 def test_lightning_free_modules_import_without_lightning(module: str, tmp_path: Path) -> None:
     """Importing them loads no Lightning even where it is installed (a lazy import would pass the ast check)."""
     code = (

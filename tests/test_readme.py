@@ -29,6 +29,8 @@ CONFIG_OF = {
 CLI_OF = {
     ("python", "-m", "dogbreed.package"): [sys.executable, "-m", "dogbreed.package"],
     ("dogbreed-package",): [sys.executable, "-m", "dogbreed.package"],
+    ("python", "-m", "dogbreed.predict"): [sys.executable, "-m", "dogbreed.predict"],
+    ("dogbreed-predict",): [sys.executable, "-m", "dogbreed.predict"],
     ("python", "-m", "dogbreed.serve"): [sys.executable, "-m", "dogbreed.serve"],
     ("dogbreed-serve",): [sys.executable, "-m", "dogbreed.serve"],
     ("python", "-m", "dogbreed.report"): [sys.executable, "-m", "dogbreed.report"],
