@@ -15,6 +15,15 @@ Every refused request raises :class:`InferenceError`: a 4xx status with a JSON b
 wrong and what is accepted. On SageMaker it subclasses the toolkit's ``BaseInferenceToolkitError``, so
 the status code reaches the client (the toolkit appends a traceback to the JSON line of the body).
 
+Explanations, on request only: ``"explain": true`` in a JSON body (the local server also takes
+``?explain=true`` with any body; SageMaker passes no query string) adds ``"explanation"`` to the answer, one
+object per image (a list for a batch): Grad-CAM of its top-1 class on the last convolutional block
+(:mod:`dogbreed.serve.explain`), ``{"label", "index", "method": "grad-cam", "layer", "heatmap_png",
+"input_jpeg"}``. ``heatmap_png`` is a base64 8-bit greyscale PNG of ``S x S`` pixels (value / 255 is the weight
+in [0, 1]) and ``input_jpeg`` a base64 JPEG of the ``S x S`` crop the model saw, so the two overlay pixel for
+pixel. It needs gradients, so only the eager runtime explains: a TorchScript or ONNX model answers 400
+``explain_needs_eager``. Requests without it get exactly the answer above.
+
 The toolkit (``sagemaker_inference.transformer.Transformer``) counts each handler's parameters and passes
 the request context as one more positional argument when a handler takes one more than the toolkit's own.
 So each handler takes exactly the toolkit's arguments and nothing optional: ``input_fn`` reads its limits
@@ -46,6 +55,7 @@ from PIL import Image, UnidentifiedImageError
 
 from dogbreed.artifacts import MODEL_WEIGHTS, read_model_dir
 from dogbreed.models.backbone import create_backbone
+from dogbreed.serve.explain import grad_cam, heatmap_png, input_jpeg
 from dogbreed.transforms import Preprocessing, open_image, to_rgb
 
 log = logging.getLogger(__name__)
@@ -143,6 +153,7 @@ class Inputs:
     items: list[Image.Image | torch.Tensor]
     batched: bool
     top_k: int | None = None
+    explain: bool = False
 
 
 @dataclass
@@ -154,10 +165,14 @@ class Prediction:
     batched: bool
     top_k: int | None
     default_top_k: int = DEFAULT_TOP_K
+    explanations: list[dict[str, Any]] | None = None
 
 
 class DogBreedModel:
-    """What ``model_fn`` returns: a forward function (eager, TorchScript or ONNX Runtime) plus its metadata."""
+    """What ``model_fn`` returns: a forward function (eager, TorchScript or ONNX Runtime) plus its metadata.
+
+    ``net`` is the eager network behind ``forward`` (``None`` for TorchScript and ONNX): Grad-CAM needs it.
+    """
 
     def __init__(
         self,
@@ -167,8 +182,11 @@ class DogBreedModel:
         preprocessing: Preprocessing,
         runtime: str = "eager",
         top_k: int = DEFAULT_TOP_K,
+        net: torch.nn.Module | None = None,
     ) -> None:
         self.forward = forward
+        self.net = net
+        self.explain_layer: str | None = None  # found on the first explanation, then reused
         self.class_names = class_names
         self.preprocessing = preprocessing
         self.runtime = runtime
@@ -201,6 +219,43 @@ class DogBreedModel:
         """Softmax probabilities ``(N, num_classes)`` for preprocessed pixels."""
         logits = self.forward(pixels)
         return torch.softmax(logits.float(), dim=1)
+
+    def require_explainable(self) -> None:
+        """Refuse ``explain=true`` before any decoding when this runtime has no gradients."""
+        if self.net is None:
+            raise InferenceError(
+                400,
+                "explain_needs_eager",
+                f"explain=true needs gradients, which the {self.runtime} runtime does not give: serve the model with "
+                "the eager runtime (--runtime eager, or DOGBREED_RUNTIME=eager), or ask without explain.",
+                accepted=["explain=false on this endpoint"],
+            )
+
+    def explain(self, pixels: torch.Tensor, probabilities: torch.Tensor) -> list[dict[str, Any]] | None:
+        """Grad-CAM of each preprocessed image for its top-1 class, as the JSON objects of ``"explanation"``.
+
+        ``None`` when the probabilities are not finite: :func:`format_predictions` refuses that answer anyway.
+        """
+        self.require_explainable()
+        if not torch.isfinite(probabilities).all():
+            return None
+        try:
+            cam = grad_cam(self.net, pixels, probabilities.argmax(dim=1).tolist(), layer=self.explain_layer)
+        except ValueError as err:  # not a convolutional backbone
+            raise InferenceError(400, "explain_unsupported", str(err), accepted=["explain=false"]) from None
+        self.explain_layer = cam.layer
+        mean, std = self.preprocessing.mean, self.preprocessing.std
+        return [
+            {
+                "label": self.class_names[index],
+                "index": index,
+                "method": "grad-cam",
+                "layer": cam.layer,
+                "heatmap_png": base64.b64encode(heatmap_png(heatmap)).decode(),
+                "input_jpeg": base64.b64encode(input_jpeg(image, mean, std)).decode(),
+            }
+            for image, heatmap, index in zip(pixels, cam.heatmaps, cam.classes, strict=True)
+        ]
 
 
 def read_manifest(model_dir: str | Path) -> dict[str, Any]:
@@ -244,11 +299,13 @@ def load_model(
     device = torch.device(
         device or os.environ.get("DOGBREED_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
     )
+    net = None  # only the eager runtime has a network to explain with
     if runtime == "eager":
         net, _ = create_backbone(md.backbone, num_classes=len(md.class_names), weights=None)
         net.load_state_dict(md.state_dict)
         # oneDNN's convolutions run faster on NHWC tensors, by about 20% at batch 16 on CPU.
-        forward = _eager_forward(net.eval().to(device, memory_format=torch.channels_last), device, channels_last=True)
+        net = net.eval().to(device, memory_format=torch.channels_last)
+        forward = _eager_forward(net, device, channels_last=True)
     elif runtime == "torchscript":
         scripted = torch.jit.load(str(model_dir / EXPORT_FILES["torchscript"]), map_location=device)
         forward = _eager_forward(scripted, device)
@@ -264,6 +321,7 @@ def load_model(
         preprocessing=md.preprocessing,
         runtime=runtime,
         top_k=int(manifest.get("top_k", DEFAULT_TOP_K)),
+        net=net,
     )
 
 
@@ -322,7 +380,7 @@ def decode_request(body: bytes | bytearray | str | None, content_type: str | Non
     A missing content type is read as raw image bytes; a missing body (``None``) as an empty one.
     """
     request = check_request(body, content_type, limits)
-    return Inputs(list(request.decode()), batched=request.batched, top_k=request.top_k)
+    return Inputs(list(request.decode()), batched=request.batched, top_k=request.top_k, explain=request.explain)
 
 
 @dataclass
@@ -337,6 +395,7 @@ class CheckedRequest:
     pixels: int
     batched: bool
     top_k: int | None = None
+    explain: bool = False
 
     def decode(self) -> Iterator[Image.Image | torch.Tensor]:
         """Decode the images in order; each is decoded only when the caller asks for it."""
@@ -435,8 +494,13 @@ def _from_json(body: bytes, limits: Limits) -> CheckedRequest:
         raise InferenceError(
             400, "bad_json", f"the body is not valid JSON ({type(err).__name__}: {err}); {_ACCEPTED_INPUT}."
         ) from None
-    top_k = None
+    top_k, explain = None, False
     if isinstance(payload, dict):
+        explain = payload.get("explain", False)
+        if not isinstance(explain, bool):
+            raise InferenceError(
+                400, "bad_explain", f'"explain" must be true or false, got {str(explain)[:50]!r}.', ["explain: bool"]
+            )
         top_k = payload.get("top_k")
         if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
             raise InferenceError(
@@ -472,7 +536,7 @@ def _from_json(body: bytes, limits: Limits) -> CheckedRequest:
         [source], count = _open_image(_b64decode(item, what, limits), limits, what)
         sources.append(source)
         pixels += count
-    return CheckedRequest(sources, pixels, batched=batched, top_k=top_k)
+    return CheckedRequest(sources, pixels, batched=batched, top_k=top_k, explain=explain)
 
 
 def _b64decode(text: str, what: str, limits: Limits) -> bytes:
@@ -590,11 +654,16 @@ def _pixels_to_image(frame: np.ndarray) -> Image.Image:
 
 
 def predict_fn(input_data: Inputs, model: DogBreedModel) -> Prediction:
-    """Preprocess the decoded images and run one forward pass over all of them."""
-    probabilities = model.predict(model.preprocess(input_data.items))
+    """Preprocess the decoded images and run one forward pass over all of them; explain the top-1 if asked."""
+    if input_data.explain:
+        model.require_explainable()
+    pixels = model.preprocess(input_data.items)
+    probabilities = model.predict(pixels)
+    explanations = model.explain(pixels, probabilities) if input_data.explain else None
     return Prediction(
-        probabilities, model.class_names, batched=input_data.batched, top_k=input_data.top_k, default_top_k=model.top_k
-    )
+        probabilities, model.class_names, batched=input_data.batched, top_k=input_data.top_k,
+        default_top_k=model.top_k, explanations=explanations,
+    )  # fmt: skip
 
 
 def accept_top_k(accept: str | None) -> int | None:
@@ -646,7 +715,10 @@ def format_predictions(prediction: Prediction, top_k: int | None = None) -> dict
         ]
         for vals, idxs in zip(values, indices, strict=True)
     ]
-    return {"predictions": rows if prediction.batched else rows[0]}
+    answer: dict[str, Any] = {"predictions": rows if prediction.batched else rows[0]}
+    if prediction.explanations is not None:
+        answer["explanation"] = prediction.explanations if prediction.batched else prediction.explanations[0]
+    return answer
 
 
 def output_fn(prediction: Prediction, accept: str | None) -> tuple[bytes, str]:

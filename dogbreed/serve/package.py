@@ -52,7 +52,7 @@ ONNX_OPSET = 17
 MAX_UNPACKED_BYTES = 4 * 2**30
 
 # Modules the handlers import, relative to the dogbreed package; copied into code/dogbreed/.
-SHIPPED_MODULES = ("transforms.py", "artifacts.py", "models/backbone.py", "serve/handlers.py")
+SHIPPED_MODULES = ("transforms.py", "artifacts.py", "models/backbone.py", "serve/handlers.py", "serve/explain.py")
 _PACKAGE_INIT = '"""The subset of dogbreed that serving needs, copied by ``python -m dogbreed.package``."""\n'
 INFERENCE_PY = '''"""SageMaker entry point of a dogbreed model package (written by ``python -m dogbreed.package``).
 
