@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -18,6 +20,7 @@ import httpx
 import psutil
 import pytest
 import torch
+from PIL import Image
 
 from dogbreed.serve.handlers import format_predictions, input_fn, model_fn, predict_fn
 from dogbreed.serve.package import build_package, extract_package
@@ -155,6 +158,44 @@ def test_http_errors_are_json(endpoint: Endpoint) -> None:
         assert response.status_code == status, response.text
         assert response.json()["error"] == error
         assert response.json()["message"] and response.json()["accepted"]
+
+
+def test_explain_adds_grad_cam_and_keeps_the_answer(endpoint: Endpoint) -> None:
+    """``?explain=true`` (any body) or ``"explain": true`` (JSON): the same predictions plus the heat map."""
+    url, jpeg = f"{endpoint.url}/invocations", {"Content-Type": "image/jpeg"}
+    plain = httpx.post(url, content=PHOTO.read_bytes(), headers=jpeg).json()
+    explained = httpx.post(url, params={"explain": "true"}, content=PHOTO.read_bytes(), headers=jpeg).json()
+    assert set(plain) == {"predictions"} and explained["predictions"] == plain["predictions"]
+    assert explained["explanation"]["label"] == plain["predictions"][0]["label"]
+    heatmap = Image.open(io.BytesIO(base64.b64decode(explained["explanation"]["heatmap_png"])))
+    assert heatmap.size == (32, 32) and heatmap.mode == "L"  # the tiny model's input crop
+    b64 = base64.b64encode(OTHER_PHOTO.read_bytes()).decode()
+    batch = httpx.post(url, json={"images": [b64, b64], "explain": True}).json()
+    assert len(batch["explanation"]) == 2
+    off = httpx.post(url, params={"explain": "false"}, content=PHOTO.read_bytes(), headers=jpeg).json()
+    assert off == plain
+    bad = httpx.post(url, params={"explain": "maybe"}, content=PHOTO.read_bytes(), headers=jpeg)
+    assert bad.status_code == 400 and bad.json()["error"] == "bad_explain"
+    # the same limits as every request: this endpoint takes bodies of 1 MiB
+    big = httpx.post(url, params={"explain": "true"}, content=b"x" * (2 * 2**20), headers=jpeg)
+    assert big.status_code == 413 and big.json()["error"] == "body_too_large"
+
+
+def test_web_page_files_have_their_types_and_a_self_only_policy(endpoint: Endpoint) -> None:
+    page = httpx.get(f"{endpoint.url}/")
+    assert page.status_code == 200 and page.headers["content-type"] == "text/html; charset=utf-8"
+    policy = page.headers["content-security-policy"]
+    assert "default-src 'none'" in policy and "script-src 'self'" in policy and "connect-src 'self'" in policy
+    assert page.headers["x-content-type-options"] == "nosniff"
+    links = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+    assert links and all(link.startswith("static/") for link in links)  # nothing from another origin
+    for name, kind in [("app.js", "text/javascript"), ("style.css", "text/css"), ("favicon.svg", "image/svg+xml")]:
+        response = httpx.get(f"{endpoint.url}/static/{name}")
+        assert response.status_code == 200 and response.headers["content-type"].startswith(kind)
+        assert response.headers["content-security-policy"] == policy
+    for missing in ("/static/nope.js", "/static/..%2Fhandlers.py", "/static/../server.py", "/index.html"):
+        assert httpx.get(f"{endpoint.url}{missing}").status_code == 404, missing
+    assert httpx.post(f"{endpoint.url}/").status_code == 405
 
 
 def test_query_script(endpoint: Endpoint) -> None:

@@ -2,10 +2,15 @@
 
 Routes: ``GET /ping`` (200 once the model is loaded), ``POST /invocations`` and
 ``POST /endpoints/{name}/invocations`` (the path boto3's ``sagemaker-runtime`` client calls when given
-``endpoint_url``). Each request is decoded and preprocessed by the same handlers SageMaker runs, in a
-thread pool; a single inference thread runs one forward pass over everything queued meanwhile, up to
-``max_batch_size`` images, waiting at most ``max_delay_ms`` and only while more requests are still being
-decoded. The event loop never runs model code, so ``/ping`` answers under load.
+``endpoint_url``), and for people ``GET /``: a page that asks ``/invocations?explain=true`` about a photo
+and shows the top 5 and the Grad-CAM heat map (its files, ``static/``, ship in the package; it loads nothing
+from elsewhere, and its Content-Security-Policy allows only this server).
+
+Each request is decoded and preprocessed by the same handlers SageMaker runs, in a thread pool; a single
+inference thread runs one forward pass over everything queued meanwhile, up to ``max_batch_size`` images,
+waiting at most ``max_delay_ms`` and only while more requests are still being decoded. The event loop never
+runs model code, so ``/ping`` answers under load. Grad-CAM (``explain``) runs on the same inference thread,
+between batches.
 
 Admission is the app's, not uvicorn's (whose ``limit_concurrency`` answers 503 to ``/ping`` too): a body must
 arrive within ``body_timeout_s`` (408 and the connection closed), at most ``max_receiving`` requests may
@@ -17,15 +22,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.resources
 import logging
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+from typing import Any, TypeVar
 
 import torch
 from starlette.applications import Starlette
+from starlette.datastructures import QueryParams
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -44,6 +53,23 @@ from dogbreed.serve.handlers import (
 )
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+PAGE_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".svg": "image/svg+xml",
+}
+# The page uses nothing but its own files and /invocations: no inline script or style, no other origin.
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+    "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
 
 
 @dataclass(frozen=True)
@@ -167,6 +193,11 @@ class Batcher:
                 item.future.set_result(probabilities[start:end])
             start = end
 
+    async def call(self, function: Callable[..., T], *args: Any) -> T:
+        """Run ``function`` on the inference thread between batches (Grad-CAM: it needs the whole CPU and the
+        network's hooks to itself)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+
     def close(self) -> None:
         self._executor.shutdown(wait=True)
 
@@ -222,6 +253,26 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def explain_requested(query: QueryParams) -> bool:
+    """The ``explain`` query parameter: ``true``/``1`` or ``false``/``0`` (absent: false)."""
+    value = query.get("explain", "false").strip().lower()
+    if value not in ("true", "1", "false", "0"):
+        raise InferenceError(
+            400, "bad_explain", f"explain={value[:50]!r} must be true or false.", accepted=["explain=true|false"]
+        )
+    return value in ("true", "1")
+
+
+def page_files() -> dict[str, tuple[bytes, str]]:
+    """The web page's files by name, with their content types: read once from the installed package."""
+    folder = importlib.resources.files("dogbreed.serve") / "static"
+    return {
+        item.name: (item.read_bytes(), PAGE_TYPES[PurePosixPath(item.name).suffix])
+        for item in folder.iterdir()
+        if PurePosixPath(item.name).suffix in PAGE_TYPES
+    }
+
+
 def error_response(err: InferenceError, *, close: bool = False) -> JSONResponse:
     """The JSON error body; ``Retry-After`` on a 503, and ``Connection: close`` for a body left unread."""
     headers = {"Retry-After": "1"} if err.status == 503 else {}
@@ -245,10 +296,13 @@ def create_app(model: DogBreedModel, config: ServerConfig | None = None) -> Star
 
     pixel_budget = PixelBudget(config.max_inflight_pixels)
     admitted = {"requests": 0, "receiving": 0}
+    files = page_files()
 
-    def decode(body: bytes, content_type: str | None) -> tuple[CheckedRequest, torch.Tensor]:
+    def decode(body: bytes, content_type: str | None, explain: bool) -> tuple[CheckedRequest, torch.Tensor]:
         """Check the request from its headers, reserve its pixels, then decode and preprocess image by image."""
         request = check_request(body, content_type, config.limits)
+        if explain or request.explain:
+            model.require_explainable()
         with pixel_budget.reserve(request.pixels):
             return request, model.preprocess(request.decode())
 
@@ -256,6 +310,13 @@ def create_app(model: DogBreedModel, config: ServerConfig | None = None) -> Star
         return JSONResponse(
             {"status": "ok", "runtime": model.runtime, "batches": batcher.batches, "images": batcher.images}
         )
+
+    async def page(request: Request) -> Response:
+        name = request.path_params.get("name", "index.html")
+        if name not in files:
+            return JSONResponse({"error": "not_found", "message": f"no page file {name[:50]!r}."}, status_code=404)
+        content, media_type = files[name]
+        return Response(content, media_type=media_type, headers=PAGE_HEADERS)
 
     def refuse(status: int, error: str, message: str, accepted: str) -> Response:
         return error_response(InferenceError(status, error, message, accepted=accepted), close=True)
@@ -294,20 +355,27 @@ def create_app(model: DogBreedModel, config: ServerConfig | None = None) -> Star
     async def answer(request: Request) -> Response:
         accept = request.headers.get("accept")
         try:
-            accept_top_k(accept)  # refuse an unsupported Accept before doing any work
+            accept_top_k(accept)  # refuse an unsupported Accept or explain before doing any work
+            explain = explain_requested(request.query_params)
+            if explain:
+                model.require_explainable()
             body = await receive(request)
             if isinstance(body, Response):
                 return body
             with batcher.incoming():
                 loop = asyncio.get_running_loop()
                 checked, pixels = await loop.run_in_executor(
-                    decoders, decode, body, request.headers.get("content-type")
+                    decoders, decode, body, request.headers.get("content-type"), explain
                 )
                 future = batcher.enqueue(pixels)
             probabilities = await future
+            explanations = None
+            if explain or checked.explain:
+                explanations = await batcher.call(model.explain, pixels, probabilities)
             prediction = Prediction(
-                probabilities, model.class_names, checked.batched, checked.top_k, default_top_k=model.top_k
-            )
+                probabilities, model.class_names, checked.batched, checked.top_k, default_top_k=model.top_k,
+                explanations=explanations,
+            )  # fmt: skip
             content, media_type = output_fn(prediction, accept)
         except InferenceError as err:
             return error_response(err)
@@ -339,6 +407,8 @@ def create_app(model: DogBreedModel, config: ServerConfig | None = None) -> Star
             decoders.shutdown(wait=True)
 
     routes = [
+        Route("/", page, methods=["GET"]),
+        Route("/static/{name}", page, methods=["GET"]),
         Route("/ping", ping, methods=["GET"]),
         Route("/invocations", invocations, methods=["POST"]),
         Route("/endpoints/{name}/invocations", invocations, methods=["POST"]),
