@@ -1,7 +1,7 @@
 """The files a run leaves behind, written and read in one place.
 
 ``model/`` (what serving needs, and nothing of Lightning):
-    ``model.pt`` (state dict of the torchvision network), ``model_config.json`` (backbone, num_classes),
+    ``model.pt`` (state dict of the torchvision network), ``model_config.json`` (backbone, stem, num_classes),
     ``classes.json`` (display names in label order) and ``preprocessing.json`` (eval transform settings).
 Run dir:
     ``metrics.json`` (test metrics, per-class accuracy, best checkpoint), ``confusion_matrix.csv`` and
@@ -33,7 +33,13 @@ def non_finite_tensors(state_dict: dict[str, torch.Tensor]) -> list[str]:
 
 
 def write_model_dir(
-    model_dir: str | Path, net: nn.Module, *, backbone: str, class_names: list[str], preprocessing: Preprocessing
+    model_dir: str | Path,
+    net: nn.Module,
+    *,
+    backbone: str,
+    class_names: list[str],
+    preprocessing: Preprocessing,
+    stem: str = "imagenet",
 ) -> Path:
     """Export the trained network and everything inference needs to rebuild it.
 
@@ -51,7 +57,7 @@ def write_model_dir(
         )  # fmt: skip
     with atomic_path(model_dir / MODEL_WEIGHTS) as tmp:
         torch.save(state, tmp)
-    write_json(model_dir / MODEL_CONFIG, {"backbone": backbone, "num_classes": len(class_names)})
+    write_json(model_dir / MODEL_CONFIG, {"backbone": backbone, "stem": stem, "num_classes": len(class_names)})
     write_json(model_dir / CLASSES, class_names)
     write_json(model_dir / PREPROCESSING, preprocessing.to_dict())
     return model_dir
@@ -65,6 +71,7 @@ class ModelDir:
     backbone: str
     class_names: list[str]
     preprocessing: Preprocessing
+    stem: str = "imagenet"  # model directories written before the option have the backbone's own stem
 
 
 def read_model_dir(model_dir: str | Path) -> ModelDir:
@@ -84,6 +91,7 @@ def read_model_dir(model_dir: str | Path) -> ModelDir:
         backbone=config["backbone"],
         class_names=class_names,
         preprocessing=Preprocessing.from_dict(json.loads((model_dir / PREPROCESSING).read_text())),
+        stem=config.get("stem", "imagenet"),
     )
 
 

@@ -139,7 +139,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[Callback] = ()) -> dict[str
         metrics.update(test_metrics)
         if trainer.is_global_zero:
             write_model_dir(
-                cfg.paths.model_dir, model.net, backbone=model.hparams.backbone,
+                cfg.paths.model_dir, model.net, backbone=model.hparams.backbone, stem=model.hparams.stem,
                 class_names=datamodule.class_names, preprocessing=datamodule.preprocessing,
             )  # fmt: skip
             write_test_results(

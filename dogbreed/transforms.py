@@ -18,6 +18,9 @@ from torchvision.transforms import v2
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# random erasing's rectangle: area fraction and aspect ratio ranges (torchvision's defaults)
+ERASE_SCALE = (0.02, 0.33)
+ERASE_RATIO = (0.3, 3.3)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -77,6 +80,8 @@ class Preprocessing:
     crop_scale: tuple[float, float] = (0.08, 1.0)
     hflip: bool = True
     color_jitter: float = 0.0
+    # probability of erasing a random rectangle (2-33 % of the image) of each training image to the mean colour
+    random_erasing: float = 0.0
     interpolation: str = "bilinear"
 
     def __post_init__(self) -> None:
@@ -87,6 +92,8 @@ class Preprocessing:
             )
         if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise ValueError(f"crop_scale={self.crop_scale} must satisfy 0 < min <= max <= 1.")
+        if not 0 <= self.random_erasing <= 1:
+            raise ValueError(f"random_erasing={self.random_erasing} is a probability: it must be within [0, 1].")
         for name in ("mean", "std", "crop_scale"):
             object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
 
@@ -95,7 +102,7 @@ class Preprocessing:
         return v2.InterpolationMode(self.interpolation)
 
     def train_transform(self) -> v2.Compose:
-        """Random resized crop, optional flip and colour jitter, then normalisation."""
+        """Random resized crop, optional flip and colour jitter, normalisation, then optional random erasing."""
         ops: list[torch.nn.Module] = [
             v2.PILToTensor(),
             v2.RandomResizedCrop(
@@ -107,7 +114,8 @@ class Preprocessing:
         if self.color_jitter > 0:
             jitter = self.color_jitter
             ops.append(v2.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter))
-        return v2.Compose([*ops, *self._normalize()])
+        erase = [v2.RandomErasing(p=self.random_erasing, scale=ERASE_SCALE, ratio=ERASE_RATIO, value=0)]
+        return v2.Compose([*ops, *self._normalize(), *(erase if self.random_erasing > 0 else [])])
 
     def eval_transform(self) -> v2.Compose:
         """Resize the short side, center crop, normalise: the deterministic path of validation and serving."""

@@ -94,3 +94,29 @@ def test_gpu_device_augmentation_matches_the_cpu_result(varied, tmp_path):
     on_gpu, labels = dm.on_after_batch_transfer(cuda_batch, 0)
     assert on_gpu.is_cuda and labels.is_cuda and on_gpu.dtype == torch.float32
     assert torch.allclose(on_gpu.cpu(), on_cpu, atol=1e-3)
+
+
+def test_random_erasing_rectangles_follow_random_erasing_on_cpu_and_device():
+    torch.manual_seed(0)
+    p = Preprocessing(image_size=28, resize_size=28, crop_scale=(1.0, 1.0), hflip=False, random_erasing=0.5)
+    aug = BatchAugment(p)
+    rects = aug.sample_erase(4000)
+    erased = rects[:, 2] > 0
+    assert 0.45 < erased.float().mean() < 0.55
+    top, left, h, w = rects[erased].T
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= 28).all() and (left + w <= 28).all()
+    area = (h * w).float() / 28**2
+    assert area.min() >= 0.015 and area.max() <= 0.35  # scale (0.02, 0.33), give or take whole pixels
+    image = torch.full((3, 28, 28), 200, dtype=torch.uint8)
+    grey = {"mean": (0.5,) * 3, "std": (0.5,) * 3}
+    always = BatchAugment(
+        Preprocessing(image_size=28, resize_size=28, crop_scale=(1.0, 1.0), random_erasing=1.0, **grey)
+    )
+    x, _ = always.apply(always.collate([(image, 0)] * 16))
+    cpu = torch.stack([always.preprocessing.train_transform()(image) for _ in range(16)])
+    for out in (x, cpu):  # every image has one erased rectangle at the mean colour, the rest untouched
+        zero = (out == 0).all(dim=1)
+        assert zero.any(dim=(1, 2)).all()
+        assert torch.allclose(out[~zero[:, None].expand_as(out)], torch.tensor((200 / 255 - 0.5) / 0.5), atol=1e-4)
+    with pytest.raises(ValueError, match=r"random_erasing=1.5 is a probability"):
+        Preprocessing(random_erasing=1.5)

@@ -96,6 +96,22 @@ def test_full_checkpoint_with_imagenet_head_is_accepted_and_head_replaced(tmp_pa
     assert torch.equal(model.conv1.weight, source.conv1.weight)
 
 
+def test_small_stem_keeps_28px_maps_large_and_loads_every_other_pretrained_layer(tmp_path):
+    source, _ = create_backbone("resnet18", 1000)
+    torch.save(source.state_dict(), tmp_path / "resnet18.pth")
+    model, _ = create_backbone("resnet18", 10, str(tmp_path / "resnet18.pth"), stem="small")
+    assert (model.conv1.kernel_size, model.conv1.stride) == ((3, 3), (1, 1))
+    assert torch.equal(model.layer1[0].conv1.weight, source.layer1[0].conv1.weight)
+    maps = {}
+    model.layer4.register_forward_hook(lambda m, i, out: maps.update(layer4=out.shape[-1]))
+    model.eval()(torch.randn(1, 3, 28, 28))
+    assert maps["layer4"] == 2  # 28 -> 14 (max-pool) -> 7 -> 4 -> 2; the ImageNet stem leaves 1x1
+    with pytest.raises(ValueError, match=r"model.stem=small needs a ResNet-style backbone.*mobilenet_v2"):
+        create_backbone("mobilenet_v2", 10, stem="small")
+    with pytest.raises(ValueError, match=r"model.stem='tiny' is not a stem; choose from \['imagenet', 'small'\]"):
+        create_backbone("resnet18", 10, stem="tiny")
+
+
 def test_files_are_loaded_without_unpickling_code(tmp_path):
     torch.save({"conv1.weight": torch.zeros(1), "evil": functools.partial(print, "pwned")}, tmp_path / "x.pth")
     with pytest.raises(Exception, match=r"Weights only load failed|Unsupported global"):

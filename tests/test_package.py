@@ -139,6 +139,26 @@ def test_diverged_weights_are_flagged_on_export_and_refused_by_package(
     assert not (tmp_path / "m.tar.gz").exists()
 
 
+def test_a_small_stem_model_is_rebuilt_with_its_stem_when_served_and_packaged(tmp_path: Path) -> None:
+    from dogbreed.artifacts import write_model_dir
+    from dogbreed.models.backbone import create_backbone
+    from dogbreed.transforms import Preprocessing
+
+    torch.manual_seed(0)
+    net, _ = create_backbone("resnet18", num_classes=3, stem="small")
+    model_dir = write_model_dir(
+        tmp_path / "model", net, backbone="resnet18", stem="small", class_names=["a", "b", "c"],
+        preprocessing=Preprocessing(image_size=28, resize_size=28),
+    )  # fmt: skip
+    assert json.loads((model_dir / "model_config.json").read_text())["stem"] == "small"
+    pixels = torch.rand(1, 3, 28, 28)
+    with torch.no_grad():
+        want = net.eval()(pixels).softmax(1)
+    assert torch.allclose(model_fn(str(model_dir)).predict(pixels), want, atol=1e-5)
+    root = extract_package(build_package(model_dir.parent, tmp_path / "model.tar.gz"), tmp_path / "pkg")
+    assert torch.allclose(model_fn(str(root)).predict(pixels), want, atol=1e-5)
+
+
 def crafted(tmp_path: Path, member: tarfile.TarInfo, data: bytes = b"x") -> Path:
     path = tmp_path / "evil.tar.gz"
     with tarfile.open(path, "w:gz") as tar:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -37,9 +38,12 @@ class DogBreedDataModule(L.LightningDataModule):
         pin_memory: Page-locked batches for faster host-to-GPU copies.
         persistent_workers: Keep workers alive between epochs.
         verify_images: Decode every image once to exclude corrupt files before training.
+        train_per_class: Train on at most this many images of each class (the same seeded pick in every run):
+            small-data experiments such as the transfer benchmark; ``None`` trains on every image.
         follow_symlinks: Train on files that symlinks lead to outside the dataset folder (otherwise they are
             excluded and listed in the data report, like dangling links).
-        image_size, resize_size, mean, std, crop_scale, hflip, color_jitter: see :class:`Preprocessing`.
+        image_size, resize_size, mean, std, crop_scale, hflip, color_jitter, random_erasing: see
+            :class:`Preprocessing`.
         decoder: ``torchvision`` (libjpeg-turbo for JPEGs, PIL for other formats) or ``pil``; same pixels.
         cache: Decode each image once into a memory-mapped uint8 cache (short side ``resize_size``) in the
             source's state folder under ``cache_dir``; later epochs and runs skip decoding.
@@ -64,6 +68,7 @@ class DogBreedDataModule(L.LightningDataModule):
         persistent_workers: bool = False,
         verify_images: bool = True,
         follow_symlinks: bool = False,
+        train_per_class: int | None = None,
         image_size: int = 224,
         resize_size: int = 256,
         mean: Sequence[float] = IMAGENET_MEAN,
@@ -71,6 +76,7 @@ class DogBreedDataModule(L.LightningDataModule):
         crop_scale: Sequence[float] = (0.08, 1.0),
         hflip: bool = True,
         color_jitter: float = 0.0,
+        random_erasing: float = 0.0,
         decoder: str = "torchvision",
         cache: bool = True,
         cache_max_gb: float = 20.0,
@@ -84,6 +90,8 @@ class DogBreedDataModule(L.LightningDataModule):
             num_workers = auto_num_workers()
         elif not isinstance(num_workers, int) or num_workers < 0:
             raise ValueError(f"data.num_workers must be an integer >= 0 or 'auto', got {num_workers!r}.")
+        if train_per_class is not None and train_per_class < 1:
+            raise ValueError(f"data.train_per_class must be >= 1 or null (every image), got {train_per_class}.")
         if device_augment not in (True, False, "auto"):
             raise ValueError(f"data.device_augment must be true, false or auto, got {device_augment!r}.")
         if cache_decode_device not in ("auto", "cpu", "cuda"):
@@ -105,9 +113,10 @@ class DogBreedDataModule(L.LightningDataModule):
         self.persistent_workers = persistent_workers and num_workers > 0
         self.verify_images = verify_images
         self.follow_symlinks = follow_symlinks
+        self.train_per_class = train_per_class
         self.preprocessing = Preprocessing(
             image_size=image_size, resize_size=resize_size, mean=tuple(mean), std=tuple(std),
-            crop_scale=tuple(crop_scale), hflip=hflip, color_jitter=color_jitter,
+            crop_scale=tuple(crop_scale), hflip=hflip, color_jitter=color_jitter, random_erasing=random_erasing,
         )  # fmt: skip
         self.decoder = check_decoder(decoder)
         self.cache = cache
@@ -203,6 +212,8 @@ class DogBreedDataModule(L.LightningDataModule):
         datasets: dict[str, Dataset] = {}
         position = {rel: i for i, rel in enumerate(_all_files(index))}
         for split, samples in index.samples.items():
+            if split == "train" and self.train_per_class is not None:
+                samples = _per_class(samples, self.train_per_class)
             transform = train_tf if split == "train" else eval_tf
             if cache is not None:
                 positions = [position[rel] for rel, _ in samples]
@@ -238,6 +249,19 @@ class DogBreedDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
+
+
+def _per_class(samples: list[tuple[str, int]], limit: int) -> list[tuple[str, int]]:
+    """At most ``limit`` samples of each label: a seeded shuffle of the (sorted) files, so every run picks the same."""
+    shuffled = sorted(samples)
+    random.Random(0).shuffle(shuffled)
+    taken: dict[int, int] = {}
+    picked = []
+    for rel, label in shuffled:
+        if taken.get(label, 0) < limit:
+            taken[label] = taken.get(label, 0) + 1
+            picked.append((rel, label))
+    return sorted(picked)
 
 
 def _all_files(index: DatasetIndex) -> list[str]:

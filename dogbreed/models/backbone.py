@@ -4,6 +4,11 @@ Weights resolution (``model.weights``):
 - ``None``: random initialisation;
 - a torchvision weights name (``IMAGENET1K_V1``, ``DEFAULT``): torchvision's normal cache and download;
 - a local path or ``s3://`` URI to a state dict: for air-gapped and network-isolated jobs.
+
+Stem (``model.stem``): ``imagenet`` keeps the backbone's own first layers; ``small`` replaces a ResNet's 7x7
+stride-2 first convolution by a 3x3 stride-1 one for inputs of 28-64 px, where the original stem (stride 4 with
+its max-pool) would leave layer4 a 1x1 map. The max-pool stays, so layer1 runs at half the input size: four
+times cheaper than the CIFAR-style ResNet without it.
 """
 
 from __future__ import annotations
@@ -45,6 +50,22 @@ def _replace_head(model: nn.Module, num_classes: int) -> str:
     return name
 
 
+STEMS = ("imagenet", "small")
+
+
+def _small_stem(model: nn.Module, name: str) -> str:
+    """Swap a ResNet's 7x7 stride-2 ``conv1`` for a 3x3 stride-1 one; return the replaced layer's name."""
+    conv = getattr(model, "conv1", None)
+    if not isinstance(conv, nn.Conv2d) or not isinstance(getattr(model, "maxpool", None), nn.MaxPool2d):
+        raise ValueError(
+            f"model.stem=small needs a ResNet-style backbone (conv1 + maxpool); {name} has none. "
+            "Use model.stem=imagenet."
+        )
+    model.conv1 = nn.Conv2d(conv.in_channels, conv.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+    nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
+    return "conv1"
+
+
 def _is_weights_file(weights: str) -> bool:
     return weights.startswith("s3://") or "/" in weights or weights.endswith((".pth", ".pt", ".bin", ".ckpt"))
 
@@ -55,6 +76,7 @@ def create_backbone(
     weights: str | None = None,
     *,
     cache_dir: str | Path | None = None,
+    stem: str = "imagenet",
     **kwargs: Any,
 ) -> tuple[nn.Module, str]:
     """Build ``torchvision.models.<name>`` with a fresh ``num_classes`` head; return it and the head's name.
@@ -64,18 +86,23 @@ def create_backbone(
         num_classes: Output classes of the new head.
         weights: ``None``, a torchvision weights enum name, or a state-dict file path / ``s3://`` URI.
         cache_dir: Where ``s3://`` weight files are cached.
+        stem: ``imagenet`` (the backbone's own) or ``small`` (3x3 stride-1 first convolution, for small inputs;
+            pretrained weights then load for every layer but that one).
         **kwargs: Passed to the torchvision constructor (e.g. ``norm_layer``).
     """
     available = torchvision.models.list_models(module=torchvision.models)
     if name not in available:
         raise ValueError(f"model.backbone={name!r} is not a torchvision classification model; choose from {available}.")
+    if stem not in STEMS:
+        raise ValueError(f"model.stem={stem!r} is not a stem; choose from {list(STEMS)}.")
     if weights is None or _is_weights_file(str(weights)):
         model = torchvision.models.get_model(name, weights=None, **kwargs)
     else:
         model = _torchvision_pretrained(name, str(weights), **kwargs)
     head = _replace_head(model, num_classes)
+    fresh = (_small_stem(model, name),) if stem == "small" else ()
     if weights is not None and _is_weights_file(str(weights)):
-        load_backbone_weights(model, weights, head=head, cache_dir=cache_dir)
+        load_backbone_weights(model, weights, head=head, cache_dir=cache_dir, fresh=fresh)
     return model, head
 
 
@@ -116,14 +143,22 @@ def _read_state_dict(weights: str, cache_dir: str | Path | None) -> tuple[dict[s
 
 
 def load_backbone_weights(
-    model: nn.Module, weights: str | Path, *, head: str, cache_dir: str | Path | None = None
+    model: nn.Module,
+    weights: str | Path,
+    *,
+    head: str,
+    cache_dir: str | Path | None = None,
+    fresh: tuple[str, ...] = (),
 ) -> None:
-    """Load a state-dict file into ``model``; only the head may be missing, and shapes must match.
+    """Load a state-dict file into ``model``; only the head (and ``fresh`` layers) may be missing, shapes must match.
 
-    A head in the file that does not fit ``num_classes`` (an ImageNet ``fc`` for 133 breeds) is skipped.
+    A head in the file that does not fit ``num_classes`` (an ImageNet ``fc`` for 133 breeds) is skipped, and so
+    are the file's tensors for ``fresh`` layers (a replaced stem), which keep their new initialisation.
     """
     state, where = _read_state_dict(str(weights), cache_dir)
     own = model.state_dict()
+    fresh_prefixes = tuple(f"{layer}." for layer in fresh)
+    state = {k: v for k, v in state.items() if not k.startswith(fresh_prefixes)}
     in_head = lambda key: key.startswith(head + ".")  # noqa: E731
     state = {k: v for k, v in state.items() if not (in_head(k) and k in own and own[k].shape != v.shape)}
     mismatched = [
@@ -136,7 +171,7 @@ def load_backbone_weights(
             f"{where} does not fit {type(model).__name__}; shape mismatches:\n  " + "\n  ".join(mismatched[:20])
         )
     result = model.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if not in_head(k)]
+    missing = [k for k in result.missing_keys if not in_head(k) and not k.startswith(fresh_prefixes)]
     if missing or result.unexpected_keys:
         raise WeightsError(
             f"{where} does not match the backbone: missing {missing[:10]} ({len(missing)} in all), unexpected "

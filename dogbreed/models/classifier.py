@@ -34,6 +34,7 @@ class DogBreedClassifier(L.LightningModule):
         num_classes: Output classes; required, since only the data knows it (``${data.num_classes}`` in the config).
         backbone: torchvision model name.
         weights: ``None``, a torchvision weights name (``IMAGENET1K_V1``) or a state-dict path / ``s3://`` URI.
+        stem: ``imagenet``, or ``small`` for 28-64 px inputs (see :func:`~dogbreed.models.backbone.create_backbone`).
         lr: Peak learning rate.
         weight_decay: Decoupled weight decay, applied to weights but not to biases and norm parameters.
         label_smoothing: Cross-entropy label smoothing.
@@ -51,6 +52,7 @@ class DogBreedClassifier(L.LightningModule):
         num_classes: int,
         backbone: str = "resnet18",
         weights: str | None = "IMAGENET1K_V1",
+        stem: str = "imagenet",
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
         label_smoothing: float = 0.0,
@@ -64,7 +66,7 @@ class DogBreedClassifier(L.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler", "weights_cache_dir"])
         self.net, self.head_name = create_backbone(
-            backbone, num_classes, weights, cache_dir=weights_cache_dir, **(backbone_kwargs or {})
+            backbone, num_classes, weights, cache_dir=weights_cache_dir, stem=stem, **(backbone_kwargs or {})
         )
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)

@@ -301,7 +301,7 @@ def load_model(
     )
     net = None  # only the eager runtime has a network to explain with
     if runtime == "eager":
-        net, _ = create_backbone(md.backbone, num_classes=len(md.class_names), weights=None)
+        net, _ = create_backbone(md.backbone, num_classes=len(md.class_names), weights=None, stem=md.stem)
         net.load_state_dict(md.state_dict)
         # oneDNN's convolutions run faster on NHWC tensors, by about 20% at batch 16 on CPU.
         net = net.eval().to(device, memory_format=torch.channels_last)

@@ -122,7 +122,7 @@ def build_package(
         for name in (MODEL_WEIGHTS, MODEL_CONFIG, CLASSES):
             shutil.copy2(model_dir / name, root / name)
         write_json(root / PREPROCESSING, md.preprocessing.to_dict())
-        net, _ = create_backbone(md.backbone, num_classes=len(md.class_names), weights=None)
+        net, _ = create_backbone(md.backbone, num_classes=len(md.class_names), weights=None, stem=md.stem)
         net.load_state_dict(md.state_dict)
         example = torch.rand(2, 3, md.preprocessing.image_size, md.preprocessing.image_size)
         recorded = {fmt: _export(fmt, net.eval(), example, root / EXPORT_FILES[fmt]) for fmt in exports}
