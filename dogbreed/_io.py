@@ -111,7 +111,7 @@ def cache_key(source: str) -> str:
     """A readable, collision-safe folder name for a remote source."""
     parsed = urlparse(source)
     stem = (parsed.netloc + parsed.path).strip("/").replace("/", "_")[-60:]
-    return f"{parsed.scheme}-{stem}-{hashlib.sha256(source.encode()).hexdigest()[:10]}"
+    return "-".join(filter(None, [parsed.scheme, stem, hashlib.sha256(source.encode()).hexdigest()[:10]]))
 
 
 def s3_client(endpoint_url: str | None = None) -> Any:

@@ -1,4 +1,4 @@
-"""``python -m dogbreed.data {upload,check}``: move a dataset to S3 and check one before training."""
+"""``python -m dogbreed.data {stage,check,upload}``: stage a dataset, check it before training, move it to S3."""
 
 from __future__ import annotations
 
@@ -35,13 +35,16 @@ def _check(source: str, cache_dir: str | None, endpoint_url: str | None) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dogbreed.data", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    staged = sub.add_parser("stage", help="stage a source into the cache and print the local folder")
+    staged.add_argument("source", help="folder, s3://bucket/prefix, https://...zip or fashion-mnist[:/idx/folder]")
+    staged.add_argument("--cache-dir", default=None)
     up = sub.add_parser("upload", help="upload a local dataset folder to s3://bucket/prefix")
     up.add_argument("local_dir")
     up.add_argument("uri")
     check = sub.add_parser("check", help="print per-split class counts, imbalance and problems")
-    check.add_argument("source", help="folder, s3://bucket/prefix or https://...zip")
+    check.add_argument("source", help="folder, s3://bucket/prefix, https://...zip or fashion-mnist[:/idx/folder]")
     check.add_argument("--cache-dir", default=None)
-    for p in (up, check):
+    for p in (staged, up, check):
         p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint (or set AWS_ENDPOINT_URL)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -49,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "upload":
             count = upload(args.local_dir, args.uri, endpoint_url=args.endpoint_url)
             print(f"uploaded {count} files to {args.uri}")
+            return 0
+        if args.command == "stage":
+            print(stage(args.source, args.cache_dir, endpoint_url=args.endpoint_url))
             return 0
         return _check(args.source, args.cache_dir, args.endpoint_url)
     except DataError as err:

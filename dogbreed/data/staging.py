@@ -1,4 +1,4 @@
-"""Stage a dataset source (local folder, ``s3://bucket/prefix``, ``https://...zip``) into a local cache.
+"""Stage a dataset source (local folder, ``s3://bucket/prefix``, ``https://...zip``, ``fashion-mnist``) locally.
 
 Remote sources land in ``<cache_dir>/<key>/`` with a ``manifest.json`` (relative path, size, sha256,
 etag). Every file is written under a temporary name and renamed only once its size is verified, and the
@@ -32,6 +32,7 @@ from dogbreed._io import (
     split_s3_uri,
     write_json,
 )
+from dogbreed.data import fashion_mnist
 from dogbreed.data.layout import find_split_dirs
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,8 @@ _CHUNK = 1 << 20
 
 
 def is_remote(source: str) -> bool:
-    return urlparse(str(source)).scheme in ("s3", "http", "https")
+    """Sources that are staged into the cache rather than used in place (Fashion-MNIST is built from IDX files)."""
+    return urlparse(str(source)).scheme in ("s3", "http", "https") or fashion_mnist.is_source(str(source))
 
 
 def state_dir(source: str | Path, cache_dir: str | Path | None = None) -> Path:
@@ -55,7 +57,8 @@ def stage(source: str | Path, cache_dir: str | Path | None = None, *, endpoint_u
     """Return a local folder holding ``source``, transferring only what is not already staged.
 
     Args:
-        source: A local folder (used in place), ``s3://bucket/prefix`` or an ``http(s)://`` zip archive.
+        source: A local folder (used in place), ``s3://bucket/prefix``, an ``http(s)://`` zip archive, or
+            ``fashion-mnist[:/idx/folder]`` (see :mod:`dogbreed.data.fashion_mnist`).
         cache_dir: Where remote sources are staged (default :func:`default_cache_dir`).
         endpoint_url: S3 endpoint for S3-compatible servers; ``AWS_ENDPOINT_URL`` is honoured too.
     """
@@ -73,6 +76,8 @@ def stage(source: str | Path, cache_dir: str | Path | None = None, *, endpoint_u
     target = state_dir(source, cache_dir)
     target.mkdir(parents=True, exist_ok=True)
     with file_lock(target.with_suffix(".lock")):
+        if fashion_mnist.is_source(source):
+            return fashion_mnist.stage(source, target)
         if scheme == "s3":
             _stage_s3(source, target, endpoint_url)
         else:

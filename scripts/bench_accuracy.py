@@ -1,0 +1,145 @@
+"""Fashion-MNIST test accuracy of ``experiment=fashion_mnist`` beside the dataset's published table, and transfer.
+
+Each run is ``python -m dogbreed.train experiment=fashion_mnist ...`` in a subprocess; its ``metrics.json``
+gives the test accuracy on the official 10,000 test images and the run's wall time.
+
+    python scripts/bench_accuracy.py                    # the full recipe (README "Accuracy")
+    python scripts/bench_accuracy.py --quick            # 500 images per class, 3 epochs: minutes on a CPU
+    python scripts/bench_accuracy.py --transfer --seeds 1 2 3   # ImageNet MobileNetV2 vs random init, 100/class
+
+``--transfer`` fine-tunes torchvision's MobileNetV2 from the ImageNet weights in ``../shared/weights/`` (or
+``--weights``) and from random initialisation, with the same recipe and epochs, on 100 training images per
+class, where pretrained features should matter most. Extra Hydra overrides go after the options
+(``trainer.max_epochs=20``); with a GPU add ``preset=gpu``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+# zalandoresearch/fashion-mnist README, "Benchmark": test accuracy of the best-known results
+PUBLISHED = (
+    ("WRN40-4 8.9M params", 0.967),
+    ("WRN-28-10 + random erasing", 0.963),
+    ("WRN-28-10", 0.959),
+    ("MobileNet", 0.950),
+    ("ResNet18", 0.949),
+    ("Human performance", 0.835),
+)
+BASELINE = "ResNet18"
+TRAIN_PER_CLASS = 5500  # Fashion-MNIST's training images per class once the validation split is carved out
+REPO = Path(__file__).resolve().parents[1]
+SHARED_WEIGHTS = REPO.parent / "shared" / "weights" / "mobilenet_v2_imagenet_backbone.pth"
+# MobileNetV2 as the shared weights were trained: BatchNorm eps 1e-3, RGB in [0, 1], inputs upscaled to 96 px
+MOBILENET = [
+    "model.backbone=mobilenet_v2",
+    "model.stem=imagenet",
+    "+model.backbone_kwargs.norm_layer._target_=torch.nn.BatchNorm2d",
+    "+model.backbone_kwargs.norm_layer._partial_=true",
+    "+model.backbone_kwargs.norm_layer.eps=0.001",
+    "data.image_size=96",
+    "data.resize_size=96",
+    "data.mean=[0,0,0]",
+    "data.std=[1,1,1]",
+    "data.random_erasing=0",
+    "data.batch_size=32",
+    "model/optimizer=adamw",
+    "model.lr=1e-3",
+    "model.weight_decay=1e-4",
+    "trainer.check_val_every_n_epoch=3",
+]
+
+
+def train(name: str, overrides: list[str], out_root: Path) -> dict[str, float]:
+    """Run one training; return its test accuracy, epochs and wall time (the log stays in the run dir)."""
+    out = out_root / name.replace(" ", "-")
+    out.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "dogbreed.train", "experiment=fashion_mnist", *overrides, f"hydra.run.dir={out}"]
+    print(f"[{name}] {' '.join(command[1:])}", flush=True)
+    with open(out / "stdout.log", "w") as log:
+        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO).returncode
+    if code != 0:
+        sys.exit(f"[{name}] failed (exit {code}); its output: {out / 'stdout.log'}")
+    metrics = json.loads((out / "metrics.json").read_text())
+    result = {"acc": metrics["test/acc"], "epochs": metrics["epochs"], "wall_s": metrics["wall_time_s"]}
+    print(f"[{name}] test/acc {result['acc']:.4f} in {result['wall_s']:.0f} s", flush=True)
+    return result
+
+
+def accuracy(args: argparse.Namespace, out_root: Path) -> None:
+    per_class = args.train_per_class or (500 if args.quick else None)
+    epochs = args.epochs or (3 if args.quick else None)
+    overrides = [f"seed={args.seeds[0]}"]
+    if args.cache_dir:
+        overrides.append(f"paths.cache_dir={args.cache_dir}")
+    if per_class:
+        overrides.append(f"data.train_per_class={per_class}")
+    if epochs:
+        overrides.append(f"trainer.max_epochs={epochs}")
+    result = train("resnet18", [*overrides, *args.overrides], out_root)
+    images = min(per_class or TRAIN_PER_CLASS, TRAIN_PER_CLASS) * 10 * result["epochs"]
+    baseline = dict(PUBLISHED)[BASELINE]
+    subset = f"{per_class}/class" if per_class else "full 55,000"
+    print("\n| model | test acc | train images | epochs | wall time | train images/s |\n|---|---|---|---|---|---|")
+    print(
+        f"| dogbreed ResNet-18 (`experiment=fashion_mnist`, seed {args.seeds[0]}) | **{result['acc']:.4f}** | "
+        f"{subset} | {result['epochs']} | {result['wall_s'] / 60:.1f} min | {images / result['wall_s']:.0f} |"
+    )
+    for name, acc in PUBLISHED:
+        print(f"| {name} (published) | {acc:.3f} | 60,000 | | | |")
+    gain = 100 * (result["acc"] - baseline)
+    print(f"\ndogbreed - published {BASELINE}: {gain:+.2f} points ({subset}, {result['epochs']} epochs)")
+
+
+def transfer(args: argparse.Namespace, out_root: Path) -> None:
+    weights = Path(args.weights).resolve()
+    if not weights.is_file():
+        sys.exit(f"--weights {weights} does not exist; see ../shared/weights/README.md.")
+    per_class = args.train_per_class or 100
+    common = [*MOBILENET, f"data.train_per_class={per_class}", f"trainer.max_epochs={args.epochs or 15}"]
+    if args.cache_dir:
+        common.append(f"paths.cache_dir={args.cache_dir}")
+    rows = []
+    for seed in args.seeds:
+        pretrained = train(f"mobilenet_v2-imagenet-seed{seed}", [*common, f"seed={seed}", f"model.weights={weights}",
+                                                                  *args.overrides], out_root)  # fmt: skip
+        scratch = train(f"mobilenet_v2-random-seed{seed}", [*common, f"seed={seed}", "model.weights=null",
+                                                            *args.overrides], out_root)  # fmt: skip
+        rows.append((seed, pretrained["acc"], scratch["acc"]))
+    print(f"\nMobileNetV2 on {per_class} training images per class, {args.epochs or 15} epochs, official test set:")
+    print("\n| seed | ImageNet weights | random init | difference |\n|---|---|---|---|")
+    for seed, pre, rnd in rows:
+        print(f"| {seed} | {pre:.4f} | {rnd:.4f} | {100 * (pre - rnd):+.1f} points |")
+    pre_mean = statistics.mean(r[1] for r in rows)
+    rnd_mean = statistics.mean(r[2] for r in rows)
+    print(f"| mean | {pre_mean:.4f} | {rnd_mean:.4f} | {100 * (pre_mean - rnd_mean):+.1f} points |")
+    print(f"\npretrained / random init accuracy: {pre_mean / rnd_mean:.3f}x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="500 images per class and 3 epochs")
+    parser.add_argument("--transfer", action="store_true", help="ImageNet MobileNetV2 vs random init, 100/class")
+    parser.add_argument("--train-per-class", type=int, help="training images per class (default: all)")
+    parser.add_argument("--epochs", type=int, help="epochs (default: the experiment's; 15 for --transfer)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42], help="seeds (--transfer runs each)")
+    parser.add_argument("--weights", default=str(SHARED_WEIGHTS), help="MobileNetV2 backbone state dict")
+    parser.add_argument("--cache-dir", help="paths.cache_dir of the runs (default: the config's)")
+    parser.add_argument("--out", type=Path, help="keep the run directories here (default: a temporary folder)")
+    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
+    args = parser.parse_args()
+    if args.out:
+        (transfer if args.transfer else accuracy)(args, args.out)
+        return
+    with tempfile.TemporaryDirectory(prefix="dogbreed-bench-accuracy-") as tmp:
+        (transfer if args.transfer else accuracy)(args, Path(tmp))
+
+
+if __name__ == "__main__":
+    main()
