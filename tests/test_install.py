@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -40,7 +41,7 @@ DEV_PACKAGES = {
     "moto": "moto", "httpx": "httpx", "pytest": "pytest", "sagemaker_inference": "sagemaker-inference",
     "sagemaker_training": "sagemaker-training", "sagemaker_pytorch_serving_container": "sagemaker-pytorch-inference",
     "sagemaker_pytorch_container": "sagemaker-pytorch-training", "ts": "torchserve",
-    "model_archiver": "torch-model-archiver",
+    "model_archiver": "torch-model-archiver", "playwright": "playwright",
 }  # fmt: skip
 SMALL_DEMO = """# @package _global_
 # a user's experiment outside the package: the demo, one short epoch
@@ -176,6 +177,8 @@ def test_wheel_trains_from_another_directory_with_no_extra(tmp_path: Path) -> No
         env=dict(os.environ), cwd=tmp_path)  # fmt: skip
     assert (target / "dogbreed" / "conf" / "train.yaml").is_file()
     assert (target / "dogbreed" / "demo_data" / "train").is_dir()
+    page = {path.name for path in (target / "dogbreed" / "serve" / "static").iterdir()}
+    assert page >= {"index.html", "app.js", "style.css"}  # the web page of dogbreed.serve
     for script in ("dogbreed-train", "dogbreed-tune", "dogbreed-package", "dogbreed-serve", "dogbreed-sagemaker"):
         assert (target / "bin" / script).is_file(), script
 
@@ -223,6 +226,8 @@ def test_serve_extra_alone(tiny_model_dir: Path, tmp_path: Path) -> None:
         wait_until_up(f"{url}/ping", server, timeout=120, log=tmp_path / "serve.log")
         predictions = ask_about_photo(url, PHOTO)
         assert len(predictions) == 5 and predictions[0]["label"]
+        with urllib.request.urlopen(f"{url}/static/app.js", timeout=10) as script:
+            assert script.headers["Content-Type"].startswith("text/javascript")  # the page's files
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=30)
@@ -263,7 +268,7 @@ def test_launcher_help_is_usage_not_an_error(capsys: pytest.CaptureFixture[str])
         main(["--help"])
     assert info.value.code == 0
     out = capsys.readouterr().out
-    assert out.startswith("usage: dogbreed-sagemaker {train,tune,deploy,analytics}") and "ERROR" not in out
+    assert out.startswith("usage: dogbreed-sagemaker {train,tune,deploy,transform,analytics}") and "ERROR" not in out
     with pytest.raises(SystemExit) as info:
         main([])
     assert info.value.code == 2 and "usage:" in capsys.readouterr().err
