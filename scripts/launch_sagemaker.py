@@ -1,4 +1,6 @@
-"""Launch dogbreed on SageMaker from a checkout: ``python scripts/launch_sagemaker.py {train,tune,deploy,analytics}``.
+"""Launch dogbreed on SageMaker from a checkout: ``python scripts/launch_sagemaker.py VERB [overrides]``.
+
+VERB is one of ``train``, ``tune``, ``deploy``, ``transform`` and ``analytics``.
 
 The same command as ``dogbreed-sagemaker`` / ``python -m dogbreed.sagemaker`` (see :mod:`dogbreed.sagemaker.__main__`).
 """

@@ -1,10 +1,12 @@
-"""usage: dogbreed-sagemaker {train,tune,deploy,analytics} [hydra overrides]
+"""usage: dogbreed-sagemaker {train,tune,deploy,transform,analytics} [hydra overrides]
        (or python -m dogbreed.sagemaker; python scripts/launch_sagemaker.py in a checkout)
 
     dogbreed-sagemaker train sagemaker.role=arn:aws:iam::123456789012:role/SageMaker \\
         sagemaker.bucket=my-bucket data.source=s3://my-bucket/dogImages
     dogbreed-sagemaker tune sagemaker.tuner.strategy=Hyperband sagemaker.tuner.max_jobs=20
     dogbreed-sagemaker deploy sagemaker.deploy.training_job=dogbreed-2026-01-01-00-00-00-000
+    dogbreed-sagemaker transform sagemaker.deploy.training_job=dogbreed-2026-01-01-00-00-00-000 \\
+        sagemaker.transform.input=s3://my-bucket/photos
     dogbreed-sagemaker analytics sagemaker.analytics.tuning_job=dogbreed-260101-0000
 
 sagemaker.*, tune.* and hparams_search.* set up the job (conf/sagemaker/default.yaml lists them); every other

@@ -7,6 +7,7 @@ Two ways to serve it:
 - the stock PyTorch inference container (no ``image_uri``; its last release is PyTorch 2.6, TorchServe based
   and out of patch since 2026-06-30): the model is repacked with ``code/inference.py`` and the serving handlers.
 
+The Model is made by :func:`create_model`, which Batch Transform (:mod:`dogbreed.sagemaker.transform`) shares.
 The three resources (Model, EndpointConfig, Endpoint) are created directly: ``ModelBuilder`` exists to detect
 a framework and package an in-memory model, and here both the package and the container are already known.
 """
@@ -79,6 +80,46 @@ def stock_container(
     return image, repacked, environment
 
 
+def create_model(
+    session: Any,
+    *,
+    name: str,
+    model_data: str,
+    role: str,
+    image_uri: str | None,
+    instance_type: str,
+    network_isolation: bool,
+    repack_key: str,
+    framework_version: str,
+    py_version: str,
+) -> str:
+    """Create the SageMaker Model serving ``model_data`` (an endpoint's or a transform job's); return its name.
+
+    With ``image_uri`` the archive is served as it is; otherwise it is repacked with ``code/`` under
+    ``s3://<bucket of model_data>/<repack_key>/`` for the stock container.
+    """
+    from sagemaker.core.resources import Model
+    from sagemaker.core.shapes import ContainerDefinition
+
+    region = session.boto_region_name
+    if image_uri:
+        image, data, environment = image_uri, model_data, {}
+    else:
+        image, data, environment = stock_container(
+            session, model_data, region=region, framework_version=framework_version, py_version=py_version,
+            instance_type=instance_type, key=repack_key,
+        )  # fmt: skip
+    model = Model.create(
+        model_name=name,
+        primary_container=ContainerDefinition(image=image, model_data_url=data, environment=environment),
+        execution_role_arn=role,
+        enable_network_isolation=network_isolation,
+        session=session.boto_session,
+        region=region,
+    )
+    return model.model_name
+
+
 def deploy(
     session: Any,
     *,
@@ -96,29 +137,19 @@ def deploy(
     wait: bool,
 ) -> str:
     """Create the model, endpoint config and endpoint; return the endpoint's name."""
-    from sagemaker.core.resources import Endpoint, EndpointConfig, Model
-    from sagemaker.core.shapes import ContainerDefinition, ProductionVariant
+    from sagemaker.core.resources import Endpoint, EndpointConfig
+    from sagemaker.core.shapes import ProductionVariant
 
     region = session.boto_region_name
     name = endpoint_name or f"{base_name}-{time.strftime('%Y-%m-%d-%H-%M-%S')}"
-    if image_uri:
-        image, data, environment = image_uri, model_data, {}
-    else:
-        image, data, environment = stock_container(
-            session, model_data, region=region, framework_version=framework_version, py_version=py_version,
-            instance_type=instance_type, key=f"{prefix}/deploy/{name}",
-        )  # fmt: skip
+    model_name = create_model(
+        session, name=name, model_data=model_data, role=role, image_uri=image_uri, instance_type=instance_type,
+        network_isolation=network_isolation, repack_key=f"{prefix}/deploy/{name}", framework_version=framework_version,
+        py_version=py_version,
+    )  # fmt: skip
     boto = session.boto_session
-    model = Model.create(
-        model_name=name,
-        primary_container=ContainerDefinition(image=image, model_data_url=data, environment=environment),
-        execution_role_arn=role,
-        enable_network_isolation=network_isolation,
-        session=boto,
-        region=region,
-    )
     variant = ProductionVariant(
-        variant_name="AllTraffic", model_name=model.model_name, instance_type=instance_type,
+        variant_name="AllTraffic", model_name=model_name, instance_type=instance_type,
         initial_instance_count=initial_instance_count,
     )  # fmt: skip
     config = EndpointConfig.create(

@@ -1,4 +1,4 @@
-"""``dogbreed-sagemaker {train,tune,deploy,analytics}``: compose the configs, hand each verb its settings.
+"""``dogbreed-sagemaker {train,tune,deploy,transform,analytics}``: compose the configs, hand each verb its settings.
 
 ``conf/launch_sagemaker.yaml`` = the training config + the search space + ``conf/sagemaker/``. Overrides of
 ``sagemaker.*``, ``tune.*`` and ``hparams_search`` configure the launcher; every other override becomes a job
@@ -6,8 +6,9 @@ hyperparameter that the container's entry point (:mod:`dogbreed.sagemaker.entry`
 override, so the job trains exactly what ``python -m dogbreed.train <overrides>`` would.
 
 This is the one module that reads the config; the verbs (:mod:`~dogbreed.sagemaker.training`,
-:mod:`~dogbreed.sagemaker.tuning`, :mod:`~dogbreed.sagemaker.deployment`, :mod:`~dogbreed.sagemaker.analytics`)
-take keyword arguments. SageMaker Python SDK v3; the last dogbreed commit on SDK v2 is named in the README.
+:mod:`~dogbreed.sagemaker.tuning`, :mod:`~dogbreed.sagemaker.deployment`, :mod:`~dogbreed.sagemaker.transform`,
+:mod:`~dogbreed.sagemaker.analytics`) take keyword arguments. SageMaker Python SDK v3; the last dogbreed commit on
+SDK v2 is named in the README.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from dogbreed.sagemaker.session import LaunchError, make_session
 
 __all__ = ["COMMANDS", "LaunchError", "compose_launch_config", "launch", "source_dir", "split_overrides"]
 
-COMMANDS = ("train", "tune", "deploy", "analytics")
+COMMANDS = ("train", "tune", "deploy", "transform", "analytics")
 LAUNCHER_KEYS = ("sagemaker", "tune", "hparams_search")
 
 
@@ -191,6 +192,41 @@ def deploy(cfg: DictConfig, session: Any | None = None) -> str:
     )
 
 
+def transform(cfg: DictConfig, session: Any | None = None) -> str:
+    """Batch Transform over ``sagemaker.transform.input`` with the model ``deploy`` serves; return the job's name."""
+    from dogbreed.sagemaker import deployment
+    from dogbreed.sagemaker.transform import transform as transform_job
+
+    sm, dc, tc = cfg.sagemaker, cfg.sagemaker.deploy, cfg.sagemaker.transform
+    role = required(sm, "role")
+    if not tc.input:
+        raise LaunchError("sagemaker.transform.input is not set; pass sagemaker.transform.input=s3://bucket/prefix.")
+    session = session or session_for(sm)
+    return transform_job(
+        session,
+        model_data=deployment.model_data_of(session, training_job=dc.training_job, model_data=dc.model_data),
+        role=role,
+        image_uri=dc.image_uri,
+        input_s3_uri=tc.input,
+        output_s3_uri=tc.output,
+        instance_type=tc.instance_type,
+        instance_count=tc.instance_count,
+        content_type=tc.content_type,
+        split_type=str(tc.split_type),
+        accept=tc.accept,
+        max_payload_mb=tc.max_payload_mb,
+        max_concurrent_transforms=tc.max_concurrent_transforms,
+        job_name=tc.job_name,
+        network_isolation=bool(sm.network_isolation),
+        base_name=sm.base_job_name,
+        bucket=sm.bucket,
+        prefix=sm.prefix,
+        framework_version=str(dc.framework_version),
+        py_version=dc.py_version,
+        wait=bool(sm.wait),
+    )
+
+
 def analytics(cfg: DictConfig, session: Any | None = None) -> Path:
     """Save the tuning job's per-job table as CSV and plot the objective against each hyperparameter."""
     from dogbreed.sagemaker.analytics import analytics as tuning_analytics
@@ -215,4 +251,6 @@ def launch(argv: Sequence[str]) -> str | Path:
         return launch_tune(cfg, job_overrides)
     if command == "deploy":
         return deploy(cfg)
+    if command == "transform":
+        return transform(cfg)
     return analytics(cfg)
