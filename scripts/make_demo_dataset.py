@@ -14,18 +14,14 @@ Images are 28x28 greyscale PNGs, which also exercises the greyscale-to-RGB path 
 from __future__ import annotations
 
 import argparse
-import gzip
 import shutil
-import struct
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-CLASSES = [
-    "T-shirt_top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle_boot",
-]  # fmt: skip
+from dogbreed.data.fashion_mnist import CLASSES, DEBIAN_DIR, FILES, read_idx
+
 LICENCE = """The images in this folder are a subset of Fashion-MNIST.
 Copyright (c) 2017 Zalando SE, https://tech.zalando.com
 Licence: MIT (Expat). Source: https://github.com/zalandoresearch/fashion-mnist,
@@ -41,18 +37,9 @@ THE SOFTWARE IS PROVIDED "AS IS", WITHOUT WARRANTY OF ANY KIND.
 """
 
 
-def read_idx(path: Path) -> np.ndarray:
-    """Read an IDX file (the MNIST container format) into a numpy array."""
-    with gzip.open(path, "rb") as f:
-        data = f.read()
-    ndim = data[3]
-    shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--src", type=Path, default=Path("/usr/share/datasets/fashion-mnist"))
+    parser.add_argument("--src", type=Path, default=DEBIAN_DIR)
     parser.add_argument("--out", type=Path, default=Path("dogbreed/demo_data"))
     parser.add_argument("--train", type=int, default=150, help="train images per class")
     parser.add_argument("--valid", type=int, default=30, help="valid images per class")
@@ -63,11 +50,7 @@ def main() -> None:
     if not (args.src / "train-images-idx3-ubyte.gz").exists():
         raise SystemExit(f"{args.src} has no Fashion-MNIST files: run `apt-get install dataset-fashion-mnist`.")
     rng = np.random.default_rng(args.seed)
-    train_x, train_y = (
-        read_idx(args.src / "train-images-idx3-ubyte.gz"),
-        read_idx(args.src / "train-labels-idx1-ubyte.gz"),
-    )
-    test_x, test_y = read_idx(args.src / "t10k-images-idx3-ubyte.gz"), read_idx(args.src / "t10k-labels-idx1-ubyte.gz")
+    train_x, train_y, test_x, test_y = (read_idx(args.src / name, sha) for name, sha in FILES.items())
 
     if args.out.exists():
         shutil.rmtree(args.out)
