@@ -6,6 +6,7 @@ gives the test accuracy on the official 10,000 test images and the run's wall ti
     python scripts/bench_accuracy.py                    # the full recipe (README "Accuracy")
     python scripts/bench_accuracy.py --quick            # 500 images per class, 3 epochs: minutes on a CPU
     python scripts/bench_accuracy.py --transfer --seeds 1 2 3   # ImageNet MobileNetV2 vs random init, 100/class
+    python scripts/bench_accuracy.py --ablate --quick   # the recipe, then each of its additions switched off
 
 ``--transfer`` fine-tunes torchvision's MobileNetV2 from the ImageNet weights in ``../shared/weights/`` (or
 ``--weights``) and from random initialisation, with the same recipe and epochs, on 100 training images per
@@ -33,6 +34,12 @@ PUBLISHED = (
     ("Human performance", 0.835),
 )
 BASELINE = "ResNet18"
+# the recipe's additions to a plain ResNet-18 run, each switched off by one override (--ablate)
+ABLATIONS = (
+    ("ImageNet stem (model.stem=imagenet)", "model.stem=imagenet"),
+    ("no random erasing (data.random_erasing=0)", "data.random_erasing=0"),
+    ("no label smoothing (model.label_smoothing=0)", "model.label_smoothing=0"),
+)
 TRAIN_PER_CLASS = 5500  # Fashion-MNIST's training images per class once the validation split is carved out
 REPO = Path(__file__).resolve().parents[1]
 SHARED_WEIGHTS = REPO.parent / "shared" / "weights" / "mobilenet_v2_imagenet_backbone.pth"
@@ -72,7 +79,8 @@ def train(name: str, overrides: list[str], out_root: Path) -> dict[str, float]:
     return result
 
 
-def accuracy(args: argparse.Namespace, out_root: Path) -> None:
+def recipe_overrides(args: argparse.Namespace) -> tuple[list[str], int | None]:
+    """Overrides of the subset, epochs, seed and cache the options ask for; and the images per class."""
     per_class = args.train_per_class or (500 if args.quick else None)
     epochs = args.epochs or (3 if args.quick else None)
     overrides = [f"seed={args.seeds[0]}"]
@@ -82,6 +90,11 @@ def accuracy(args: argparse.Namespace, out_root: Path) -> None:
         overrides.append(f"data.train_per_class={per_class}")
     if epochs:
         overrides.append(f"trainer.max_epochs={epochs}")
+    return overrides, per_class
+
+
+def accuracy(args: argparse.Namespace, out_root: Path) -> None:
+    overrides, per_class = recipe_overrides(args)
     result = train("resnet18", [*overrides, *args.overrides], out_root)
     images = min(per_class or TRAIN_PER_CLASS, TRAIN_PER_CLASS) * 10 * result["epochs"]
     baseline = dict(PUBLISHED)[BASELINE]
@@ -95,6 +108,19 @@ def accuracy(args: argparse.Namespace, out_root: Path) -> None:
         print(f"| {name} (published) | {acc:.3f} | 60,000 | | | |")
     gain = 100 * (result["acc"] - baseline)
     print(f"\ndogbreed - published {BASELINE}: {gain:+.2f} points ({subset}, {result['epochs']} epochs)")
+
+
+def ablate(args: argparse.Namespace, out_root: Path) -> None:
+    """The recipe, then each addition switched off alone, on the same subset, epochs and seed."""
+    overrides, per_class = recipe_overrides(args)
+    recipe = train("recipe", [*overrides, *args.overrides], out_root)
+    rows = [(name, train(f"ablate-{i}", [*overrides, change, *args.overrides], out_root)) for i, (name, change)
+            in enumerate(ABLATIONS)]  # fmt: skip
+    subset = f"{per_class} images per class" if per_class else "the full training set"
+    print(f"\nexperiment=fashion_mnist on {subset}, {recipe['epochs']} epochs, seed {args.seeds[0]}:")
+    print(f"\n| run | test acc | vs recipe |\n|---|---|---|\n| recipe | {recipe['acc']:.4f} | |")
+    for name, result in rows:
+        print(f"| {name} | {result['acc']:.4f} | {100 * (result['acc'] - recipe['acc']):+.2f} points |")
 
 
 def transfer(args: argparse.Namespace, out_root: Path) -> None:
@@ -126,6 +152,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="500 images per class and 3 epochs")
     parser.add_argument("--transfer", action="store_true", help="ImageNet MobileNetV2 vs random init, 100/class")
+    parser.add_argument("--ablate", action="store_true", help="the recipe, then each addition switched off")
     parser.add_argument("--train-per-class", type=int, help="training images per class (default: all)")
     parser.add_argument("--epochs", type=int, help="epochs (default: the experiment's; 15 for --transfer)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[42], help="seeds (--transfer runs each)")
@@ -134,11 +161,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="keep the run directories here (default: a temporary folder)")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     args = parser.parse_args()
+    run = transfer if args.transfer else ablate if args.ablate else accuracy
     if args.out:
-        (transfer if args.transfer else accuracy)(args, args.out)
+        run(args, args.out)
         return
     with tempfile.TemporaryDirectory(prefix="dogbreed-bench-accuracy-") as tmp:
-        (transfer if args.transfer else accuracy)(args, Path(tmp))
+        run(args, Path(tmp))
 
 
 if __name__ == "__main__":
