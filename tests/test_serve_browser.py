@@ -142,6 +142,12 @@ def test_photo_gives_top5_and_heat_map_in_chromium(server: str, tmp_path: Path) 
             assert 0.02 < stats["red"] < 0.95, stats  # a hot region, not everywhere
             page.fill("#opacity", "0")  # the slider takes the heat map off: the photo alone is far less red
             assert page.evaluate(CANVAS_STATS)["red"] < stats["red"] / 2
+            assert not problems, problems
+            # a file that is no image: the server's reason, and no answer about the previous photo left on show
+            (tmp_path / "notes.jpg").write_text("not a photo")
+            page.set_input_files("#file", tmp_path / "notes.jpg")
+            expect(page.locator("#status")).to_have_class("error")
+            expect(page.locator("#status")).to_contain_text("notes.jpg: the body is not an image")
+            expect(page.locator("#result")).to_be_hidden()
         finally:
             browser.close()
-    assert not problems, problems

@@ -35,6 +35,7 @@ function post(file, explain) {
 
 async function ask(file) {
   const ticket = ++asked;
+  result.hidden = true; // never show the answer about the previous photo next to this one
   statusLine.className = "";
   statusLine.textContent = `Looking at ${file.name}…`;
   try {
@@ -47,7 +48,8 @@ async function ask(file) {
       answer = await response.json();
     }
     if (ticket !== asked) return;
-    if (!response.ok) throw new Error(answer.message || `${response.status} ${response.statusText}`);
+    // the server's messages end with what it accepts, after "; ": for a person the reason is enough
+    if (!response.ok) throw new Error(answer.message?.split("; ")[0] || `${response.status} ${response.statusText}`);
     showTop5(answer.predictions);
     await showExplanation(answer.explanation);
     statusLine.textContent = note ? `${file.name}: no heat map (${note})` : file.name;
