@@ -99,6 +99,12 @@ def direct(package: Path, tmp_path_factory: pytest.TempPathFactory):
     return predict
 
 
+def readme_snippet(marker: str) -> str:
+    """The README's one ``python`` block that contains ``marker``."""
+    (snippet,) = [block for block in re.findall(r"```python\n(.*?)```", README, re.S) if marker in block]
+    return snippet
+
+
 def same(got: list[dict], want: list[dict]) -> None:
     """Same classes in the same order; probabilities equal up to batched-vs-single float rounding."""
     assert [p["label"] for p in got] == [p["label"] for p in want]
@@ -226,8 +232,7 @@ def test_readme_boto3_snippet_answers(
     endpoint: Endpoint, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The README's boto3 snippet, run as written against the local server, with no AWS settings at all."""
-    snippet = README.split("```python\n")[-1].split("```")[0]
-    assert "invoke_endpoint" in snippet
+    snippet = readme_snippet("invoke_endpoint")
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_PROFILE"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("AWS_CONFIG_FILE", str(ROOT / "nonexistent"))
@@ -235,6 +240,14 @@ def test_readme_boto3_snippet_answers(
     monkeypatch.chdir(ROOT)
     exec(snippet.replace("http://127.0.0.1:8080", endpoint.url), {})
     assert json.loads(capsys.readouterr().out)["predictions"][0]["label"]
+
+
+def test_readme_explain_snippet_reads_the_heat_map(endpoint: Endpoint, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The web page section's client snippet, run as written: a heat map of the crop's size, in [0, 1]."""
+    monkeypatch.chdir(ROOT)
+    names: dict = {}
+    exec(readme_snippet("explain=true").replace("http://127.0.0.1:8080", endpoint.url), names)
+    assert names["heatmap"].shape == (32, 32) and 0 <= names["heatmap"].min() <= names["heatmap"].max() <= 1
 
 
 async def hammer(url: str, n: int, concurrency: int) -> tuple[list[int], list[float]]:
