@@ -104,6 +104,7 @@ def cases(base_dir: Path) -> dict[str, Case]:
         "json": Case("application/json", single),
         "json-charset": Case("application/json; charset=utf-8", single),
         "json-batch": Case("application/json", batch, images=2),
+        "json-explain": Case("application/json", json.dumps({"image": b64, "explain": True}).encode()),
         "npy-uint8": Case("application/x-npy", npy(np.asarray(rgb))),
         "npy-float32": Case("application/x-npy", npy(preprocessed)),
         "accept-any": Case("image/jpeg", photo, accept="*/*"),  # the toolkit swaps in its default accept
@@ -114,6 +115,9 @@ def cases(base_dir: Path) -> dict[str, Case]:
         "truncated-image": Case("image/jpeg", photo[:5000], status=400, error="corrupt_image"),
         "bad-base64": Case("application/json", b'{"image": "not base64!!"}', status=400, error="bad_base64"),
         "bad-json": Case("application/json", b"{not json", status=400, error="bad_json"),
+        "bad-explain": Case(
+            "application/json", json.dumps({"image": b64, "explain": "yes"}).encode(), status=400, error="bad_explain"
+        ),
         "unsupported-content-type": Case("text/csv", b"a,b\n1,2\n", status=415, error="unsupported_content_type"),
         "unsupported-accept": Case("image/jpeg", photo, accept="text/csv", status=406, error="unsupported_accept"),
         "image-too-large": Case(
@@ -130,9 +134,9 @@ def cases(base_dir: Path) -> dict[str, Case]:
 
 CASE_NAMES = [
     "image/jpeg", "image/png", "application/x-image", "application/octet-stream", "json", "json-charset",
-    "json-batch", "npy-uint8", "npy-float32", "accept-any", "no-accept", "accept-top-k", "empty-body",
-    "not-an-image", "truncated-image", "bad-base64", "bad-json", "unsupported-content-type", "unsupported-accept",
-    "image-too-large", "too-many-pixels", "too-many-images",
+    "json-batch", "json-explain", "npy-uint8", "npy-float32", "accept-any", "no-accept", "accept-top-k",
+    "empty-body", "not-an-image", "truncated-image", "bad-base64", "bad-json", "bad-explain",
+    "unsupported-content-type", "unsupported-accept", "image-too-large", "too-many-pixels", "too-many-images",
 ]  # fmt: skip
 
 # Runs in a fresh interpreter whose PYTHONPATH starts with the package's code/ (what the toolkit sets up for
@@ -234,6 +238,9 @@ def test_toolkit_answers_every_content_type_and_refusal(name: str, toolkit_run: 
     check_answer(name, case, got["status"], got["content_type"], got["body"], expected)
     if case.status != 200:
         assert got["phrase"] == HTTPStatus(case.status).phrase
+    if name == "json-explain":  # Grad-CAM from the package's own copy of dogbreed/serve/explain.py
+        explanation = json.loads(got["body"])["explanation"]
+        assert explanation["layer"] == "layer4" and explanation["index"] == expected[0]["index"]
 
 
 def free_ports(n: int) -> list[int]:
