@@ -187,6 +187,25 @@ def test_explain_adds_grad_cam_and_keeps_the_answer(endpoint: Endpoint) -> None:
     assert big.status_code == 413 and big.json()["error"] == "body_too_large"
 
 
+def test_explain_without_gradients_is_refused_and_plain_requests_answer(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A TorchScript endpoint: 400 explain_needs_eager for the query parameter (before the body is read) and the
+    JSON field alike; the same request without explain answers."""
+    archive = build_package(tiny_model_dir, tmp_path / "model.tar.gz", exports=["torchscript"])
+    endpoint = start_endpoint(archive, tmp_path / "server.log", "--runtime", "torchscript")
+    try:
+        url, photo, jpeg = f"{endpoint.url}/invocations", PHOTO.read_bytes(), {"Content-Type": "image/jpeg"}
+        b64 = base64.b64encode(photo).decode()
+        for response in [
+            httpx.post(url, params={"explain": "true"}, content=photo, headers=jpeg),
+            httpx.post(url, json={"image": b64, "explain": True}),
+        ]:
+            assert response.status_code == 400 and response.json()["error"] == "explain_needs_eager"
+        plain = httpx.post(url, content=photo, headers=jpeg)
+        assert plain.status_code == 200 and set(plain.json()) == {"predictions"}
+    finally:
+        stop_endpoint(endpoint)
+
+
 def test_web_page_files_have_their_types_and_a_self_only_policy(endpoint: Endpoint) -> None:
     page = httpx.get(f"{endpoint.url}/")
     assert page.status_code == 200 and page.headers["content-type"] == "text/html; charset=utf-8"
