@@ -179,7 +179,8 @@ def test_wheel_trains_from_another_directory_with_no_extra(tmp_path: Path) -> No
     assert (target / "dogbreed" / "demo_data" / "train").is_dir()
     page = {path.name for path in (target / "dogbreed" / "serve" / "static").iterdir()}
     assert page >= {"index.html", "app.js", "style.css"}  # the web page of dogbreed.serve
-    for script in ("dogbreed-train", "dogbreed-tune", "dogbreed-package", "dogbreed-serve", "dogbreed-sagemaker"):
+    scripts = ("dogbreed-train", "dogbreed-tune", "dogbreed-package", "dogbreed-predict", "dogbreed-serve")
+    for script in (*scripts, "dogbreed-sagemaker"):
         assert (target / "bin" / script).is_file(), script
 
     work = tmp_path / "elsewhere"

@@ -6,6 +6,8 @@ import csv
 import io
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import boto3
@@ -16,6 +18,7 @@ from dogbreed.serve import handlers
 from dogbreed.serve.package import build_package
 
 from .conftest import write_image_folder
+from .test_install import env_with, hidden_except
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "images"
@@ -190,3 +193,15 @@ def test_file_selection_and_class_folders_match_training() -> None:
         mine = predict.class_of_folder(folder)
         assert mine is None or mine == layout.display_name(folder)
         assert (mine is None) == (layout.display_name(folder) == folder)
+
+
+def test_runs_on_the_core_install_alone(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """No extra needed: the serving handlers it runs need only torch, torchvision, Pillow and numpy."""
+    out = tmp_path / "p.jsonl"
+    result = subprocess.run(
+        [sys.executable, "-m", "dogbreed.predict", str(tiny_model_dir), str(EXAMPLES), "-o", str(out)],
+        env=env_with(tmp_path, hidden_except()), capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith(f"Wrote {out}: 2 images, 0 errors")
+    assert len(out.read_text().splitlines()) == 2
