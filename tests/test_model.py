@@ -112,6 +112,16 @@ def test_small_stem_keeps_28px_maps_large_and_loads_every_other_pretrained_layer
         create_backbone("resnet18", 10, stem="tiny")
 
 
+def test_a_checkpoint_of_a_model_with_a_norm_layer_partial_loads_with_weights_only(tmp_path):
+    model = DogBreedClassifier(num_classes=3, backbone="mobilenet_v2", weights=None,
+                               backbone_kwargs={"norm_layer": functools.partial(nn.BatchNorm2d, eps=1e-3)})  # fmt: skip
+    trainer = L.Trainer(max_epochs=0, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer.strategy.connect(model)
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    checkpoint = torch.load(tmp_path / "m.ckpt", weights_only=True)
+    assert "backbone_kwargs" not in checkpoint["hyper_parameters"]
+
+
 def test_files_are_loaded_without_unpickling_code(tmp_path):
     torch.save({"conv1.weight": torch.zeros(1), "evil": functools.partial(print, "pwned")}, tmp_path / "x.pth")
     with pytest.raises(Exception, match=r"Weights only load failed|Unsupported global"):

@@ -64,7 +64,8 @@ class DogBreedClassifier(L.LightningModule):
         weights_cache_dir: str | Path | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["optimizer", "scheduler", "weights_cache_dir"])
+        # backbone_kwargs may hold objects (a norm_layer partial) that checkpoints, loaded with weights_only, refuse
+        self.save_hyperparameters(ignore=["optimizer", "scheduler", "weights_cache_dir", "backbone_kwargs"])
         self.net, self.head_name = create_backbone(
             backbone, num_classes, weights, cache_dir=weights_cache_dir, stem=stem, **(backbone_kwargs or {})
         )
