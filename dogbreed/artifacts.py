@@ -1,7 +1,8 @@
 """The files a run leaves behind, written and read in one place.
 
 ``model/`` (what serving needs, and nothing of Lightning):
-    ``model.pt`` (state dict of the torchvision network), ``model_config.json`` (backbone, stem, num_classes),
+    ``model.pt`` (state dict of the torchvision network), ``model_config.json`` (backbone, stem, num_classes,
+    test_time_flip),
     ``classes.json`` (display names in label order) and ``preprocessing.json`` (eval transform settings).
 Run dir:
     ``metrics.json`` (test metrics, per-class accuracy, best checkpoint), ``confusion_matrix.csv`` and
@@ -40,6 +41,7 @@ def write_model_dir(
     class_names: list[str],
     preprocessing: Preprocessing,
     stem: str = "imagenet",
+    test_time_flip: bool = False,
 ) -> Path:
     """Export the trained network and everything inference needs to rebuild it.
 
@@ -57,7 +59,8 @@ def write_model_dir(
         )  # fmt: skip
     with atomic_path(model_dir / MODEL_WEIGHTS) as tmp:
         torch.save(state, tmp)
-    write_json(model_dir / MODEL_CONFIG, {"backbone": backbone, "stem": stem, "num_classes": len(class_names)})
+    config = {"backbone": backbone, "stem": stem, "num_classes": len(class_names), "test_time_flip": test_time_flip}
+    write_json(model_dir / MODEL_CONFIG, config)
     write_json(model_dir / CLASSES, class_names)
     write_json(model_dir / PREPROCESSING, preprocessing.to_dict())
     return model_dir
@@ -72,6 +75,7 @@ class ModelDir:
     class_names: list[str]
     preprocessing: Preprocessing
     stem: str = "imagenet"  # model directories written before the option have the backbone's own stem
+    test_time_flip: bool = False  # answer with the mean logits of the image and its mirror image
 
 
 def read_model_dir(model_dir: str | Path) -> ModelDir:
@@ -92,6 +96,7 @@ def read_model_dir(model_dir: str | Path) -> ModelDir:
         class_names=class_names,
         preprocessing=Preprocessing.from_dict(json.loads((model_dir / PREPROCESSING).read_text())),
         stem=config.get("stem", "imagenet"),
+        test_time_flip=bool(config.get("test_time_flip", False)),
     )
 
 

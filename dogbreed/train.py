@@ -140,7 +140,8 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[Callback] = ()) -> dict[str
         if trainer.is_global_zero:
             write_model_dir(
                 cfg.paths.model_dir, model.net, backbone=model.hparams.backbone, stem=model.hparams.stem,
-                class_names=datamodule.class_names, preprocessing=datamodule.preprocessing,
+                test_time_flip=model.hparams.test_time_flip, class_names=datamodule.class_names,
+                preprocessing=datamodule.preprocessing,
             )  # fmt: skip
             write_test_results(
                 cfg.paths.output_dir, test_metrics, model.test_confusion, datamodule.class_names,

@@ -6,6 +6,7 @@ The debugger and profiler record data into the run directory (:mod:`dogbreed.run
 """
 
 from dogbreed.callbacks.debugger import Debugger
+from dogbreed.callbacks.ema import EMAWeights
 from dogbreed.callbacks.finetuning import BackboneFreezeUnfreeze
 from dogbreed.callbacks.metrics_log import LogMetrics, format_metrics
 from dogbreed.callbacks.profiler import Profiler
@@ -15,6 +16,7 @@ from dogbreed.callbacks.smdebug_bridge import SMDebugBridge
 __all__ = [
     "BackboneFreezeUnfreeze",
     "Debugger",
+    "EMAWeights",
     "LogMetrics",
     "Profiler",
     "ResumeState",

@@ -14,6 +14,7 @@ times cheaper than the CIFAR-style ResNet without it.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,11 @@ def _small_stem(model: nn.Module, name: str) -> str:
     model.conv1 = nn.Conv2d(conv.in_channels, conv.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
     nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
     return "conv1"
+
+
+def flip_averaged(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """Mean logits of ``x`` (N, C, H, W) and its mirror image: test-time flip, the same in training and serving."""
+    return (forward(x) + forward(x.flip(-1))) / 2
 
 
 def _is_weights_file(weights: str) -> bool:

@@ -15,7 +15,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from torchmetrics import MaxMetric, MetricCollection, MinMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 
-from dogbreed.models.backbone import create_backbone
+from dogbreed.models.backbone import create_backbone, flip_averaged
 
 OptimizerFactory = Callable[..., Optimizer]
 SchedulerFactory = Callable[..., LRScheduler]
@@ -38,6 +38,9 @@ class DogBreedClassifier(L.LightningModule):
         lr: Peak learning rate.
         weight_decay: Decoupled weight decay, applied to weights but not to biases and norm parameters.
         label_smoothing: Cross-entropy label smoothing.
+        test_time_flip: Evaluate (validation, test, and the exported model when served) on the mean logits of
+            each image and its mirror image: one more forward pass per image for a steadier answer on data whose
+            classes are mirror-symmetric (the training flips them already).
         optimizer: ``partial`` optimiser class taking ``(params, lr=, weight_decay=)``; AdamW when None.
         scheduler: ``partial`` taking ``(optimizer, total_steps=)``, stepped every step; constant lr when None.
         channels_last: Use the NHWC memory format (faster convolutions with AMP on tensor-core GPUs).
@@ -56,6 +59,7 @@ class DogBreedClassifier(L.LightningModule):
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
         label_smoothing: float = 0.0,
+        test_time_flip: bool = False,
         optimizer: OptimizerFactory | None = None,
         scheduler: SchedulerFactory | None = None,
         channels_last: bool = False,
@@ -102,6 +106,12 @@ class DogBreedClassifier(L.LightningModule):
             x = x.contiguous(memory_format=torch.channels_last)
         return self.net(x)
 
+    def evaluate(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits for evaluation: with ``test_time_flip``, the mean of the image's and its mirror image's."""
+        if self.hparams.test_time_flip:
+            return flip_averaged(self, x)
+        return self(x)
+
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
         logits = self(x)
@@ -113,7 +123,7 @@ class DogBreedClassifier(L.LightningModule):
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
-        logits = self(x)
+        logits = self.evaluate(x)
         self.log("val/loss", self.criterion(logits, y), prog_bar=True, sync_dist=True)
         self.val_metrics(logits, y)
         self.log_dict(self.val_metrics, prog_bar=True)
@@ -148,7 +158,7 @@ class DogBreedClassifier(L.LightningModule):
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
-        logits = self(x)
+        logits = self.evaluate(x)
         self.log("test/loss", self.criterion(logits, y), sync_dist=True)
         self.test_metrics(logits, y)
         self.log_dict(self.test_metrics)

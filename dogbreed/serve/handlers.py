@@ -54,7 +54,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from dogbreed.artifacts import MODEL_WEIGHTS, read_model_dir
-from dogbreed.models.backbone import create_backbone
+from dogbreed.models.backbone import create_backbone, flip_averaged
 from dogbreed.serve.explain import grad_cam, heatmap_png, input_jpeg
 from dogbreed.transforms import Preprocessing, open_image, to_rgb
 
@@ -183,8 +183,10 @@ class DogBreedModel:
         runtime: str = "eager",
         top_k: int = DEFAULT_TOP_K,
         net: torch.nn.Module | None = None,
+        test_time_flip: bool = False,
     ) -> None:
         self.forward = forward
+        self.test_time_flip = test_time_flip
         self.net = net
         self.explain_layer: str | None = None  # found on the first explanation, then reused
         self.class_names = class_names
@@ -216,8 +218,8 @@ class DogBreedModel:
         return torch.stack(tensors)
 
     def predict(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Softmax probabilities ``(N, num_classes)`` for preprocessed pixels."""
-        logits = self.forward(pixels)
+        """Softmax probabilities ``(N, num_classes)`` for preprocessed pixels, flip-averaged as the model was tested."""
+        logits = flip_averaged(self.forward, pixels) if self.test_time_flip else self.forward(pixels)
         return torch.softmax(logits.float(), dim=1)
 
     def require_explainable(self) -> None:
@@ -322,6 +324,7 @@ def load_model(
         runtime=runtime,
         top_k=int(manifest.get("top_k", DEFAULT_TOP_K)),
         net=net,
+        test_time_flip=md.test_time_flip,
     )
 
 
