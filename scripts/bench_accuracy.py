@@ -7,6 +7,10 @@ gives the test accuracy on the official 10,000 test images and the run's wall ti
     python scripts/bench_accuracy.py --quick            # 500 images per class, 3 epochs: minutes on a CPU
     python scripts/bench_accuracy.py --transfer --seeds 1 2 3   # ImageNet MobileNetV2 vs random init, 100/class
     python scripts/bench_accuracy.py --ablate --quick   # the recipe, then each of its additions switched off
+    python scripts/bench_accuracy.py --checkpoint RUN/checkpoints/epoch_014.ckpt   # test-time additions only
+
+Every accuracy run also tests its best checkpoint again with each test-time addition (flip, EMA weights)
+switched off: their effect on the same weights, without retraining.
 
 ``--transfer`` fine-tunes torchvision's MobileNetV2 from the ImageNet weights in ``../shared/weights/`` (or
 ``--weights``) and from random initialisation, with the same recipe and epochs, on 100 training images per
@@ -24,6 +28,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
+
 # zalandoresearch/fashion-mnist README, "Benchmark": test accuracy of the best-known results
 PUBLISHED = (
     ("WRN40-4 8.9M params", 0.967),
@@ -39,6 +45,11 @@ ABLATIONS = (
     ("ImageNet stem (model.stem=imagenet)", "model.stem=imagenet"),
     ("no random erasing (data.random_erasing=0)", "data.random_erasing=0"),
     ("no label smoothing (model.label_smoothing=0)", "model.label_smoothing=0"),
+)
+# test-time additions, each switched off when testing the same checkpoint again (no retraining)
+TEST_TIME_ABLATIONS = (
+    ("no test-time flip (model.test_time_flip=false)", ["model.test_time_flip=false"], False),
+    ("current weights, not their EMA (callbacks.ema)", [], True),
 )
 TRAIN_PER_CLASS = 5500  # Fashion-MNIST's training images per class once the validation split is carved out
 REPO = Path(__file__).resolve().parents[1]
@@ -74,9 +85,34 @@ def train(name: str, overrides: list[str], out_root: Path) -> dict[str, float]:
     if code != 0:
         sys.exit(f"[{name}] failed (exit {code}); its output: {out / 'stdout.log'}")
     metrics = json.loads((out / "metrics.json").read_text())
-    result = {"acc": metrics["test/acc"], "epochs": metrics["epochs"], "wall_s": metrics["wall_time_s"]}
+    result = {"acc": metrics["test/acc"], "epochs": metrics["epochs"], "wall_s": metrics["wall_time_s"],
+              "ckpt": metrics.get("best_checkpoint")}  # fmt: skip
     print(f"[{name}] test/acc {result['acc']:.4f} in {result['wall_s']:.0f} s", flush=True)
     return result
+
+
+def test_checkpoint(name: str, ckpt: Path, overrides: list[str], out_root: Path, current: bool = False) -> float:
+    """Test an existing checkpoint (``train=false``); ``current``: its weights before averaging, not their EMA."""
+    if current:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        if "current_model_state" not in state:
+            sys.exit(f"{ckpt} holds no current_model_state: it was not trained with callbacks.ema.")
+        state["state_dict"] = state.pop("current_model_state")
+        ckpt = out_root / f"{ckpt.stem}-current.ckpt"
+        torch.save(state, ckpt)
+    return train(name, ["train=false", f"ckpt_path={ckpt}", "report=false", *overrides], out_root)["acc"]
+
+
+def test_time_ablations(ckpt: Path, acc: float, overrides: list[str], out_root: Path) -> None:
+    """The checkpoint tested again with each test-time addition switched off."""
+    print(f"\nTest-time additions, each switched off on the same checkpoint ({ckpt.name}):")
+    print(f"\n| test | test acc | vs all |\n|---|---|---|\n| all | {acc:.4f} | |")
+    for i, (name, change, current) in enumerate(TEST_TIME_ABLATIONS):
+        if current and "current_model_state" not in torch.load(ckpt, map_location="cpu", weights_only=True):
+            print(f"| {name} | | not trained with EMA |")
+            continue
+        other = test_checkpoint(f"test-time-{i}", ckpt, [*change, *overrides], out_root, current)
+        print(f"| {name} | {other:.4f} | {100 * (other - acc):+.2f} points |")
 
 
 def recipe_overrides(args: argparse.Namespace) -> tuple[list[str], int | None]:
@@ -108,6 +144,14 @@ def accuracy(args: argparse.Namespace, out_root: Path) -> None:
         print(f"| {name} (published) | {acc:.3f} | 60,000 | | | |")
     gain = 100 * (result["acc"] - baseline)
     print(f"\ndogbreed - published {BASELINE}: {gain:+.2f} points ({subset}, {result['epochs']} epochs)")
+    test_time_ablations(Path(result["ckpt"]), result["acc"], [*overrides, *args.overrides], out_root)
+
+
+def checkpoint(args: argparse.Namespace, out_root: Path) -> None:
+    """Test a checkpoint of an earlier run as it is, then with each test-time addition switched off."""
+    overrides = [f"paths.cache_dir={args.cache_dir}"] if args.cache_dir else []
+    acc = test_checkpoint("checkpoint", args.checkpoint, [*overrides, *args.overrides], out_root)
+    test_time_ablations(args.checkpoint, acc, [*overrides, *args.overrides], out_root)
 
 
 def ablate(args: argparse.Namespace, out_root: Path) -> None:
@@ -153,6 +197,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="500 images per class and 3 epochs")
     parser.add_argument("--transfer", action="store_true", help="ImageNet MobileNetV2 vs random init, 100/class")
     parser.add_argument("--ablate", action="store_true", help="the recipe, then each addition switched off")
+    parser.add_argument("--checkpoint", type=Path, help="test this checkpoint, then without each test-time addition")
     parser.add_argument("--train-per-class", type=int, help="training images per class (default: all)")
     parser.add_argument("--epochs", type=int, help="epochs (default: the experiment's; 15 for --transfer)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[42], help="seeds (--transfer runs each)")
@@ -161,7 +206,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="keep the run directories here (default: a temporary folder)")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     args = parser.parse_args()
-    run = transfer if args.transfer else ablate if args.ablate else accuracy
+    run = transfer if args.transfer else ablate if args.ablate else checkpoint if args.checkpoint else accuracy
     if args.out:
         run(args, args.out)
         return
