@@ -26,12 +26,12 @@ from .conftest import ask_about_photo, free_port, wait_until_up, write_image_fol
 ROOT = Path(__file__).resolve().parents[1]
 PHOTO = ROOT / "examples" / "images" / "Labrador_retriever_06457.jpg"
 
-# What each extra of pyproject.toml brings: top-level module -> distribution
+# What each extra of pyproject.toml brings: top-level module -> its distributions (comma-separated)
 EXTRA_PACKAGES = {
     "serve": {"starlette": "starlette", "uvicorn": "uvicorn"},
     "onnx": {"onnx": "onnx", "onnxruntime": "onnxruntime"},
     "tune": {"optuna": "optuna"},
-    "sagemaker": {"sagemaker": "sagemaker", "sagemaker_core": "sagemaker-core"},
+    "sagemaker": {"sagemaker": "sagemaker-train,sagemaker-core"},
     "smdebug": {"smdebug": "smdebug"},
     "gpu": {"pynvml": "nvidia-ml-py"},
     "tensorboard": {"tensorboard": "tensorboard"},
