@@ -18,7 +18,6 @@ import csv
 import functools
 import json
 import logging
-import re
 import sys
 import tarfile
 import tempfile
@@ -34,6 +33,7 @@ import torch
 
 from dogbreed._io import atomic_path, available_cpus, s3_client, split_s3_uri
 from dogbreed.artifacts import write_confusion_csv
+from dogbreed.data.layout import IMAGE_EXTENSIONS, NUMBERED_CLASS_FOLDER, display_name
 from dogbreed.serve.handlers import (
     _ACCEPTED_INPUT,
     RUNTIMES,
@@ -53,11 +53,6 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("csv", "jsonl")
 _SUFFIX_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl"}
-# The files of a folder or prefix that are read: dogbreed.data.layout's IMAGE_EXTENSIONS and class-folder rule,
-# which cannot be imported from here without Lightning (dogbreed.data imports the datamodule);
-# tests/test_predict.py checks that both stay equal to layout's.
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
-_CLASS_FOLDER = re.compile(r"^\d+[._-]")
 
 
 class PredictError(ValueError):
@@ -102,7 +97,7 @@ class Summary:
 
 def class_of_folder(folder: str) -> str | None:
     """``001.Affenpinscher`` -> ``Affenpinscher`` (the training's display name); None for any other folder."""
-    return _CLASS_FOLDER.sub("", folder) if _CLASS_FOLDER.match(folder) else None
+    return display_name(folder) if NUMBERED_CLASS_FOLDER.match(folder) else None
 
 
 def open_model(source: str | Path, *, runtime: str | None = None, device: str | None = None) -> DogBreedModel:

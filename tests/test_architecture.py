@@ -112,7 +112,9 @@ def test_report_builds_without_lightning(debug_demo_run: Path, tmp_path: Path) -
     assert (run_dir / "report" / "rules.json").is_file()
 
 
-@pytest.mark.parametrize("module", ["dogbreed.report", "dogbreed.rules", "dogbreed.rundir", "dogbreed.predict"])
+@pytest.mark.parametrize(
+    "module", ["dogbreed.report", "dogbreed.rules", "dogbreed.rundir", "dogbreed.predict", "dogbreed.data.layout"]
+)
 def test_lightning_free_modules_import_without_lightning(module: str, tmp_path: Path) -> None:
     """Importing them loads no Lightning even where it is installed (a lazy import would pass the ast check)."""
     code = (

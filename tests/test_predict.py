@@ -184,15 +184,12 @@ def test_progress_bar_only_on_a_terminal() -> None:
     assert re.search(r"\[#{30}\] 3/3 images, [\d.]+/s\n$", stream.getvalue())
 
 
-def test_file_selection_and_class_folders_match_training() -> None:
-    """The copies kept Lightning-free agree with dogbreed.data.layout, which training uses."""
-    from dogbreed.data import layout
-
-    assert predict.IMAGE_EXTENSIONS == layout.IMAGE_EXTENSIONS
-    for folder in ("001.Affenpinscher", "12_Pug", "3-Boxer", "Beagle", "001Beagle", "a.001.Pug"):
-        mine = predict.class_of_folder(folder)
-        assert mine is None or mine == layout.display_name(folder)
-        assert (mine is None) == (layout.display_name(folder) == folder)
+def test_labels_only_numbered_class_folders() -> None:
+    """A folder is a class only with dogImages' numeric prefix, named as training names it."""
+    assert [predict.class_of_folder(f) for f in ("001.Affenpinscher", "12_Pug", "3-Boxer")] == [
+        "Affenpinscher", "Pug", "Boxer",
+    ]  # fmt: skip
+    assert [predict.class_of_folder(f) for f in ("Beagle", "001Beagle", "a.001.Pug", "photos")] == [None] * 4
 
 
 def test_runs_on_the_core_install_alone(tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -25,12 +25,14 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "valid", "test")
 SPLIT_ALIASES = {"valid": ("valid", "val", "validation")}
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+# dogImages' class folders: a numeric prefix, then the class name (``001.Affenpinscher``)
+NUMBERED_CLASS_FOLDER = re.compile(r"^\d+[._-]")
 _INDEX_VERSION = 1
 
 
 def display_name(folder: str) -> str:
     """``001.Affenpinscher`` -> ``Affenpinscher``; a folder without a numeric prefix keeps its name."""
-    return re.sub(r"^\d+[._-]", "", folder)
+    return NUMBERED_CLASS_FOLDER.sub("", folder)
 
 
 @dataclass
