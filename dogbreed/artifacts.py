@@ -1,8 +1,8 @@
 """The files a run leaves behind, written and read in one place.
 
 ``model/`` (what serving needs, and nothing of Lightning):
-    ``model.pt`` (state dict of the torchvision network), ``model_config.json`` (backbone, stem, num_classes,
-    test_time_flip),
+    ``model.pt`` (state dict of the torchvision network), ``model_config.json`` (backbone, stem,
+    backbone_kwargs, num_classes, test_time_flip),
     ``classes.json`` (display names in label order) and ``preprocessing.json`` (eval transform settings).
 Run dir:
     ``metrics.json`` (test metrics, per-class accuracy, best checkpoint), ``confusion_matrix.csv`` and
@@ -14,7 +14,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from dogbreed._io import atomic_path, write_json
+from dogbreed.models.backbone import build_backbone_kwargs, create_backbone
 from dogbreed.rundir import CLASSES, CONFUSION_CSV, CONFUSION_PNG, METRICS, MODEL_CONFIG, MODEL_WEIGHTS, PREPROCESSING
 from dogbreed.transforms import Preprocessing
 
@@ -41,13 +42,17 @@ def write_model_dir(
     class_names: list[str],
     preprocessing: Preprocessing,
     stem: str = "imagenet",
+    backbone_kwargs: dict[str, Any] | None = None,
     test_time_flip: bool = False,
 ) -> Path:
     """Export the trained network and everything inference needs to rebuild it.
 
-    Weights with NaN/Inf are still written (the run's other results stay consistent with them) but flagged
-    loudly; ``python -m dogbreed.package`` refuses them.
+    ``backbone_kwargs`` is the constructor arguments' recorded form (see
+    :func:`~dogbreed.models.backbone.build_backbone_kwargs`), checked before anything is written. Weights with
+    NaN/Inf are still written (the run's other results stay consistent with them) but flagged loudly;
+    ``python -m dogbreed.package`` refuses them.
     """
+    build_backbone_kwargs(backbone_kwargs)
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
@@ -59,7 +64,10 @@ def write_model_dir(
         )  # fmt: skip
     with atomic_path(model_dir / MODEL_WEIGHTS) as tmp:
         torch.save(state, tmp)
-    config = {"backbone": backbone, "stem": stem, "num_classes": len(class_names), "test_time_flip": test_time_flip}
+    config = {
+        "backbone": backbone, "stem": stem, "backbone_kwargs": backbone_kwargs or {}, "num_classes": len(class_names),
+        "test_time_flip": test_time_flip,
+    }  # fmt: skip
     write_json(model_dir / MODEL_CONFIG, config)
     write_json(model_dir / CLASSES, class_names)
     write_json(model_dir / PREPROCESSING, preprocessing.to_dict())
@@ -75,7 +83,17 @@ class ModelDir:
     class_names: list[str]
     preprocessing: Preprocessing
     stem: str = "imagenet"  # model directories written before the option have the backbone's own stem
+    backbone_kwargs: dict[str, Any] = field(default_factory=dict)  # recorded form, as model_config.json keeps it
     test_time_flip: bool = False  # answer with the mean logits of the image and its mirror image
+
+    def network(self) -> nn.Module:
+        """The trained torchvision network, rebuilt as it was trained, in eval mode on the CPU."""
+        net, _ = create_backbone(
+            self.backbone, num_classes=len(self.class_names), weights=None, stem=self.stem,
+            **build_backbone_kwargs(self.backbone_kwargs),
+        )  # fmt: skip
+        net.load_state_dict(self.state_dict)
+        return net.eval()
 
 
 def read_model_dir(model_dir: str | Path) -> ModelDir:
@@ -96,6 +114,7 @@ def read_model_dir(model_dir: str | Path) -> ModelDir:
         class_names=class_names,
         preprocessing=Preprocessing.from_dict(json.loads((model_dir / PREPROCESSING).read_text())),
         stem=config.get("stem", "imagenet"),
+        backbone_kwargs=config.get("backbone_kwargs") or {},
         test_time_flip=bool(config.get("test_time_flip", False)),
     )
 

@@ -25,6 +25,7 @@ from dogbreed.callbacks import ResumeState
 from dogbreed.config import CONFIG_DIR
 from dogbreed.data import DataError, DogBreedDataModule
 from dogbreed.models import DogBreedClassifier, WeightsError
+from dogbreed.models.backbone import BackboneError, build_backbone_kwargs
 from dogbreed.report import report_run
 from dogbreed.rundir import METRICS
 
@@ -114,6 +115,10 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[Callback] = ()) -> dict[str
             cfg.data.num_classes = datamodule.num_classes
 
     log.info("Instantiating model <%s>", cfg.model._target_)
+    # the exported model records them for serving: refuse what it cannot rebuild now, not after training
+    spec = cfg.model.get("backbone_kwargs")
+    backbone_kwargs = OmegaConf.to_container(spec, resolve=True) if spec else {}
+    build_backbone_kwargs(backbone_kwargs)
     model: DogBreedClassifier = instantiate(cfg.model)
     callbacks = [resume_state, *instantiate_group(cfg.get("callbacks"), "callback"), *extra_callbacks]
     loggers = instantiate_group(cfg.get("logger"), "logger")
@@ -140,8 +145,8 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[Callback] = ()) -> dict[str
         if trainer.is_global_zero:
             write_model_dir(
                 cfg.paths.model_dir, model.net, backbone=model.hparams.backbone, stem=model.hparams.stem,
-                test_time_flip=model.hparams.test_time_flip, class_names=datamodule.class_names,
-                preprocessing=datamodule.preprocessing,
+                backbone_kwargs=backbone_kwargs, test_time_flip=model.hparams.test_time_flip,
+                class_names=datamodule.class_names, preprocessing=datamodule.preprocessing,
             )  # fmt: skip
             write_test_results(
                 cfg.paths.output_dir, test_metrics, model.test_confusion, datamodule.class_names,
@@ -171,7 +176,7 @@ def _run(cfg: DictConfig) -> float | None:
     """Hydra entry point; user errors end with one clear message instead of a traceback."""
     try:
         return train(cfg).get("objective")
-    except (CheckpointError, DataError, WeightsError) as err:
+    except (BackboneError, CheckpointError, DataError, WeightsError) as err:
         log.error("%s", err)
         sys.exit(2)
 

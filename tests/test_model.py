@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from dogbreed.callbacks import BackboneFreezeUnfreeze
 from dogbreed.models import DogBreedClassifier, WeightsError, create_backbone
+from dogbreed.models.backbone import BackboneError, build_backbone_kwargs
 from dogbreed.models.schedulers import cosine_with_warmup, step_decay
 
 
@@ -110,6 +111,48 @@ def test_small_stem_keeps_28px_maps_large_and_loads_every_other_pretrained_layer
         create_backbone("mobilenet_v2", 10, stem="small")
     with pytest.raises(ValueError, match=r"model.stem='tiny' is not a stem; choose from \['imagenet', 'small'\]"):
         create_backbone("resnet18", 10, stem="tiny")
+
+
+def test_backbone_kwargs_build_plain_values_and_torch_nn_classes_only():
+    built = build_backbone_kwargs(
+        {"dropout": 0.2, "sizes": [1, 2], "norm_layer": {"_target_": "torch.nn.BatchNorm2d", "_partial_": True,
+                                                          "eps": 1e-3}}
+    )  # fmt: skip
+    assert built["dropout"] == 0.2 and built["sizes"] == [1, 2]
+    assert built["norm_layer"](4).eps == 1e-3 and isinstance(built["norm_layer"](4), nn.BatchNorm2d)
+    assert isinstance(build_backbone_kwargs({"act": {"_target_": "torch.nn.modules.activation.ReLU"}})["act"], nn.ReLU)
+    for target in ("os.system", "torch.nn.functional.relu", "torch.nn.nowhere.Module", "torch.load"):
+        with pytest.raises(BackboneError, match=rf"model.backbone_kwargs.layer._target_='{target}' is not a torch.nn"):
+            build_backbone_kwargs({"layer": {"_target_": target, "_partial_": True}})
+    with pytest.raises(BackboneError, match=r"model.backbone_kwargs.norm_layer is a partial; .* must be plain"):
+        build_backbone_kwargs({"norm_layer": functools.partial(nn.BatchNorm2d, eps=1e-3)})
+
+
+@pytest.mark.parametrize("runtime", ["eager", "torchscript"])
+def test_a_model_built_with_backbone_kwargs_is_served_as_it_was_trained(tmp_path, runtime):
+    """BatchNorm eps is in no state dict: a served model rebuilt without the recorded arguments answers otherwise."""
+    from dogbreed.artifacts import read_model_dir, write_model_dir
+    from dogbreed.serve.handlers import load_model
+    from dogbreed.serve.package import build_package, extract_package
+    from dogbreed.transforms import Preprocessing
+
+    spec = {"norm_layer": {"_target_": "torch.nn.BatchNorm2d", "_partial_": True, "eps": 0.1}}
+    torch.manual_seed(0)
+    net, head = create_backbone("resnet18", 3, **build_backbone_kwargs(spec))
+    nn.init.normal_(net.get_submodule(head).weight, std=0.5)  # distinct logits
+    model_dir = write_model_dir(
+        tmp_path / "model", net, backbone="resnet18", backbone_kwargs=spec, class_names=["a", "b", "c"],
+        preprocessing=Preprocessing(image_size=32, resize_size=32),
+    )  # fmt: skip
+    pixels = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        want = net.eval()(pixels).softmax(1)
+        md = read_model_dir(model_dir)
+        md.backbone_kwargs = {}
+        assert not torch.allclose(md.network()(pixels).softmax(1), want, atol=1e-2)  # the test can fail
+    exports = [runtime] if runtime != "eager" else []
+    root = extract_package(build_package(model_dir.parent, tmp_path / "m.tar.gz", exports=exports), tmp_path / "pkg")
+    assert torch.allclose(load_model(root, runtime=runtime).predict(pixels), want, atol=1e-5)
 
 
 def test_a_checkpoint_of_a_model_with_a_norm_layer_partial_loads_with_weights_only(tmp_path):

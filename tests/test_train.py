@@ -111,6 +111,16 @@ def test_cli_bad_source_is_one_clear_line_not_a_traceback(tmp_path):
     assert "Traceback" not in done.stderr
 
 
+def test_cli_refuses_backbone_kwargs_serving_cannot_rebuild_before_training(tmp_path):
+    done = _cli(
+        "experiment=demo", "+model.backbone_kwargs.norm_layer._target_=collections.OrderedDict",
+        "+model.backbone_kwargs.norm_layer._partial_=true", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "model.backbone_kwargs.norm_layer._target_='collections.OrderedDict' is not a torch.nn" in done.stdout
+    assert "Traceback" not in done.stderr and not (tmp_path / "run" / "checkpoints").exists()
+
+
 @pytest.mark.slow
 def test_demo_trains_to_the_same_accuracy_band_with_the_fast_options(demo_cfg):
     torch.set_num_threads(1)  # one thread is faster than two fighting other processes on a small CI machine

@@ -13,8 +13,11 @@ times cheaper than the CIFAR-style ResNet without it.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import importlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +32,15 @@ class WeightsError(RuntimeError):
     """Pretrained weights could not be fetched or do not fit the backbone."""
 
 
+class BackboneError(ValueError):
+    """``model.backbone``, ``model.stem`` or ``model.backbone_kwargs`` do not describe a network to build."""
+
+
 def find_head(model: nn.Module) -> str:
     """Name of the final ``nn.Linear`` (the classification head) of a torchvision classifier."""
     linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
     if not linears:
-        raise ValueError(
+        raise BackboneError(
             f"{type(model).__name__} has no nn.Linear head to replace; pick a backbone with a linear classifier."
         )
     return linears[-1]
@@ -58,7 +65,7 @@ def _small_stem(model: nn.Module, name: str) -> str:
     """Swap a ResNet's 7x7 stride-2 ``conv1`` for a 3x3 stride-1 one; return the replaced layer's name."""
     conv = getattr(model, "conv1", None)
     if not isinstance(conv, nn.Conv2d) or not isinstance(getattr(model, "maxpool", None), nn.MaxPool2d):
-        raise ValueError(
+        raise BackboneError(
             f"model.stem=small needs a ResNet-style backbone (conv1 + maxpool); {name} has none. "
             "Use model.stem=imagenet."
         )
@@ -70,6 +77,47 @@ def _small_stem(model: nn.Module, name: str) -> str:
 def flip_averaged(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """Mean logits of ``x`` (N, C, H, W) and its mirror image: test-time flip, the same in training and serving."""
     return (forward(x) + forward(x.flip(-1))) / 2
+
+
+_PLAIN = (str, int, float, bool, type(None))
+
+
+def build_backbone_kwargs(spec: Mapping[str, Any] | None, where: str = "model.backbone_kwargs") -> dict[str, Any]:
+    """The torchvision constructor arguments that ``spec``, as recorded in ``model_config.json``, describes.
+
+    Values are plain (numbers, strings, lists) or a ``torch.nn`` class in Hydra's form (``_target_``, and
+    ``_partial_: true`` with its arguments), such as a BatchNorm with another ``eps``: serving rebuilds the
+    trained network from this record, and builds nothing outside ``torch.nn`` from a model package, whose
+    weights load without unpickling code for the same reason.
+    """
+    return {key: _build_value(value, f"{where}.{key}") for key, value in (spec or {}).items()}
+
+
+def _build_value(value: Any, where: str) -> Any:
+    if isinstance(value, _PLAIN):
+        return value
+    if isinstance(value, list | tuple):
+        return [_build_value(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if not isinstance(value, Mapping):
+        raise BackboneError(
+            f"{where} is a {type(value).__name__}; the exported model records its backbone's arguments, so they "
+            "must be plain values or a torch.nn class given by _target_ (and _partial_: true)."
+        )
+    if "_target_" not in value:
+        return build_backbone_kwargs(value, where)
+    target = str(value["_target_"])
+    module, _, attr = target.rpartition(".")
+    cls = None
+    if module.split(".")[:2] == ["torch", "nn"]:
+        with contextlib.suppress(ImportError):
+            cls = getattr(importlib.import_module(module), attr, None)
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise BackboneError(
+            f"{where}._target_={target!r} is not a torch.nn module class (torch.nn.BatchNorm2d, ...): serving "
+            "builds only those when it rebuilds the network from model_config.json."
+        )
+    args = {k: _build_value(v, f"{where}.{k}") for k, v in value.items() if k not in ("_target_", "_partial_")}
+    return functools.partial(cls, **args) if value.get("_partial_", False) else cls(**args)
 
 
 def _is_weights_file(weights: str) -> bool:
@@ -98,9 +146,11 @@ def create_backbone(
     """
     available = torchvision.models.list_models(module=torchvision.models)
     if name not in available:
-        raise ValueError(f"model.backbone={name!r} is not a torchvision classification model; choose from {available}.")
+        raise BackboneError(
+            f"model.backbone={name!r} is not a torchvision classification model; choose from {available}."
+        )
     if stem not in STEMS:
-        raise ValueError(f"model.stem={stem!r} is not a stem; choose from {list(STEMS)}.")
+        raise BackboneError(f"model.stem={stem!r} is not a stem; choose from {list(STEMS)}.")
     if weights is None or _is_weights_file(str(weights)):
         model = torchvision.models.get_model(name, weights=None, **kwargs)
     else:

@@ -42,7 +42,6 @@ from dogbreed.artifacts import (
     non_finite_tensors,
     read_model_dir,
 )
-from dogbreed.models.backbone import create_backbone
 from dogbreed.serve.handlers import DEFAULT_TOP_K, EXPORT_FILES, PACKAGE_MANIFEST, RUNTIMES
 
 log = logging.getLogger(__name__)
@@ -122,10 +121,9 @@ def build_package(
         for name in (MODEL_WEIGHTS, MODEL_CONFIG, CLASSES):
             shutil.copy2(model_dir / name, root / name)
         write_json(root / PREPROCESSING, md.preprocessing.to_dict())
-        net, _ = create_backbone(md.backbone, num_classes=len(md.class_names), weights=None, stem=md.stem)
-        net.load_state_dict(md.state_dict)
+        net = md.network()
         example = torch.rand(2, 3, md.preprocessing.image_size, md.preprocessing.image_size)
-        recorded = {fmt: _export(fmt, net.eval(), example, root / EXPORT_FILES[fmt]) for fmt in exports}
+        recorded = {fmt: _export(fmt, net, example, root / EXPORT_FILES[fmt]) for fmt in exports}
         write_code(root / "code", runtime)
         files = sorted(p for p in root.rglob("*") if p.is_file())
         write_json(
