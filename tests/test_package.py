@@ -69,9 +69,15 @@ sys.path.insert(0, model_dir + "/code")  # what the SageMaker inference toolkit 
 inference = importlib.import_module("inference")
 import dogbreed
 assert dogbreed.__file__.startswith(model_dir), dogbreed.__file__
-model = inference.model_fn(model_dir)
-data = inference.input_fn(open(photo, "rb").read(), "image/jpeg")
-body, content_type = inference.output_fn(inference.predict_fn(data, model), "application/json")
+class Context:  # the part of TorchServe's request context that transform_fn uses
+    status = None
+
+    def set_response_status(self, code=200, phrase="", idx=0):
+        self.status = code
+
+model, context = inference.model_fn(model_dir), Context()
+body, content_type = inference.transform_fn(model, open(photo, "rb").read(), "image/jpeg", "application/json", context)
+assert context.status is None and content_type == "application/json", (context.status, body)
 print(body.decode())
 """
 

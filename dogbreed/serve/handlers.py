@@ -1,7 +1,8 @@
-"""SageMaker PyTorch inference handlers: ``model_fn``, ``input_fn``, ``predict_fn``, ``output_fn``.
+"""SageMaker PyTorch inference handlers: ``model_fn``, ``input_fn``, ``predict_fn``, ``output_fn``, ``transform_fn``.
 
-The model package ships this module (``code/inference.py`` re-exports the four functions) and the local
-server calls the same building blocks, so an endpoint answers identically on SageMaker and on a laptop.
+The model package ships this module (``code/inference.py`` re-exports ``model_fn`` and ``transform_fn``, which
+runs the other three) and the local server calls the same building blocks, so an endpoint answers identically
+on SageMaker and on a laptop.
 It imports only torch, torchvision, Pillow, numpy and the light ``dogbreed`` modules (never Lightning),
 so the stock SageMaker PyTorch container runs it without extra installs.
 
@@ -12,8 +13,10 @@ or a bare list for a batch; optional ``"top_k"``) and ``application/x-npy`` (uin
 Answers: ``application/json`` ``{"predictions": [{"label", "index", "probability"}, ...]}`` with the
 top-k classes, or one such list per image for a batch; ``;top_k=N`` on the Accept header sets k.
 Every refused request raises :class:`InferenceError`: a 4xx status with a JSON body saying what was
-wrong and what is accepted. On SageMaker it subclasses the toolkit's ``BaseInferenceToolkitError``, so
-the status code reaches the client (the toolkit appends a traceback to the JSON line of the body).
+wrong and what is accepted. On SageMaker, :func:`transform_fn` answers it with its status and the JSON
+alone (the toolkit's own error path would append the Python traceback to the body); it also subclasses the
+toolkit's ``BaseInferenceToolkitError``, so a package whose ``inference.py`` exports the four handlers still
+answers its status.
 
 Explanations, on request only: ``"explain": true`` in a JSON body (the local server also takes
 ``?explain=true`` with any body; SageMaker passes no query string) adds ``"explanation"`` to the answer, one
@@ -360,6 +363,30 @@ def _onnx_forward(path: Path, num_threads: int | None) -> Callable[[torch.Tensor
 def model_fn(model_dir: str) -> DogBreedModel:
     """SageMaker: load the unpacked package from ``model_dir`` (``DOGBREED_RUNTIME`` overrides the runtime)."""
     return load_model(model_dir)
+
+
+def transform_fn(
+    model: DogBreedModel, request_body: bytes | bytearray | str | None, request_content_type: str | None,
+    accept: str | None, context: Any,
+) -> tuple[bytes, str]:  # fmt: skip
+    """SageMaker: ``input_fn``, ``predict_fn`` and ``output_fn`` for one request, answering failures in JSON.
+
+    The toolkit answers an exception from a handler with its message followed by the Python traceback, which
+    shows clients the endpoint's code and paths. Here a refusal answers its own status and JSON body, and
+    anything else a 500 ``internal_error`` whose traceback goes to the endpoint's log (CloudWatch), as the
+    local server does. ``context`` is TorchServe's request context, which the toolkit passes as the argument
+    after its own four.
+    """
+    try:
+        return output_fn(predict_fn(input_fn(request_body, request_content_type), model), accept)
+    except InferenceError as err:
+        status, body = err.status, err.body
+    except Exception:
+        log.exception("Unexpected error while answering a %s request", request_content_type)
+        status = HTTPStatus.INTERNAL_SERVER_ERROR
+        body = {"error": "internal_error", "message": "the endpoint failed on this request; see its log."}
+    context.set_response_status(code=int(status), phrase=HTTPStatus(status).phrase)
+    return json.dumps(body).encode(), JSON_CONTENT_TYPE
 
 
 def media_type(header: str | None) -> str:

@@ -59,9 +59,9 @@ The handlers come from the ``dogbreed`` modules shipped next to this file (copie
 package), so the stock SageMaker PyTorch container needs no extra installs.
 """
 
-from dogbreed.serve.handlers import input_fn, model_fn, output_fn, predict_fn
+from dogbreed.serve.handlers import model_fn, transform_fn
 
-__all__ = ["input_fn", "model_fn", "output_fn", "predict_fn"]
+__all__ = ["model_fn", "transform_fn"]
 '''
 
 
