@@ -41,6 +41,14 @@ def test_dockerfile_installs_the_serve_extra_and_builds_both_variants() -> None:
     assert "EXPOSE 8080" in text
 
 
+def test_no_other_installed_package_claims_the_entry_command() -> None:
+    """sagemaker-pytorch-inference installs a ``serve`` too: whichever was installed last would have answered."""
+    from importlib.metadata import entry_points
+
+    claims = entry_points(group="console_scripts", name=entry_command()[0])
+    assert [script.dist.name for script in claims] == ["dogbreed"]
+
+
 def test_entry_command_serves_a_packaged_model(tiny_model_dir: Path, tmp_path: Path) -> None:
     from dogbreed.serve.package import build_package, extract_package
 

@@ -1,9 +1,10 @@
 """``python -m dogbreed.serve MODEL --host 127.0.0.1 --port 8080``: serve a model.tar.gz or a run dir locally.
 
-The ``serve`` console script is the same server started the way SageMaker starts a container
-(``docker run IMAGE serve``): model from ``SM_MODEL_DIR`` or ``/opt/ml/model``, all interfaces, port
-``SAGEMAKER_BIND_TO_PORT`` or 8080. ``DOGBREED_SERVE_HOST`` narrows the interface (``127.0.0.1`` for a test
-that runs the container's command outside a container).
+The ``dogbreed-serve-container`` console script, the serving image's ENTRYPOINT, is the same server started
+the way SageMaker starts a container (``docker run IMAGE serve``, so ``serve`` is its argument): model from
+``SM_MODEL_DIR`` or ``/opt/ml/model``, all interfaces, port ``SAGEMAKER_BIND_TO_PORT`` or 8080.
+``DOGBREED_SERVE_HOST`` narrows the interface (``127.0.0.1`` for a test that runs the container's command
+outside a container).
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None, *, container: bool = False) -> None:
     parser = _parser(
         model_default=os.environ.get("SM_MODEL_DIR", "/opt/ml/model") if container else None,
         host_default=os.environ.get("DOGBREED_SERVE_HOST", "0.0.0.0") if container else "127.0.0.1",
-        prog="serve" if container else "python -m dogbreed.serve",
+        prog="dogbreed-serve-container" if container else "python -m dogbreed.serve",
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None, *, container: bool = False) -> None:
 
 
 def container_main() -> None:
-    """Entry of the ``serve`` console script."""
+    """Entry of the ``dogbreed-serve-container`` console script."""
     main(container=True)
 
 
