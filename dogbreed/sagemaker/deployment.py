@@ -7,7 +7,8 @@ Two ways to serve it:
 - the stock PyTorch inference container (no ``image_uri``; its last release is PyTorch 2.6, TorchServe based
   and out of patch since 2026-06-30): the model is repacked with ``code/inference.py`` and the serving handlers.
 
-The Model is made by :func:`create_model`, which Batch Transform (:mod:`dogbreed.sagemaker.transform`) shares.
+The Model (:class:`ServedModel`) is made by :func:`create_model`, which Batch Transform
+(:mod:`dogbreed.sagemaker.transform`) shares.
 The three resources (Model, EndpointConfig, Endpoint) are created directly: ``ModelBuilder`` exists to detect
 a framework and package an in-memory model, and here both the package and the container are already known.
 """
@@ -18,6 +19,7 @@ import logging
 import tarfile
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -80,40 +82,44 @@ def stock_container(
     return image, repacked, environment
 
 
-def create_model(
-    session: Any,
-    *,
-    name: str,
-    model_data: str,
-    role: str,
-    image_uri: str | None,
-    instance_type: str,
-    network_isolation: bool,
-    repack_key: str,
-    framework_version: str,
-    py_version: str,
-) -> str:
-    """Create the SageMaker Model serving ``model_data`` (an endpoint's or a transform job's); return its name.
+@dataclass(frozen=True)
+class ServedModel:
+    """What a SageMaker Model serves and how: the same for an endpoint and a Batch Transform job.
 
-    With ``image_uri`` the archive is served as it is; otherwise it is repacked with ``code/`` under
+    ``image_uri`` is dogbreed's serving image; without it the stock PyTorch ``framework_version`` /
+    ``py_version`` inference container serves the archive repacked with ``code/``.
+    """
+
+    model_data: str
+    role: str
+    image_uri: str | None
+    network_isolation: bool
+    framework_version: str
+    py_version: str
+
+
+def create_model(session: Any, served: ServedModel, *, name: str, instance_type: str, repack_key: str) -> str:
+    """Create the SageMaker Model (an endpoint's or a transform job's); return its name.
+
+    With an ``image_uri`` the archive is served as it is; otherwise it is repacked with ``code/`` under
     ``s3://<bucket of model_data>/<repack_key>/`` for the stock container.
     """
     from sagemaker.core.resources import Model
     from sagemaker.core.shapes import ContainerDefinition
 
     region = session.boto_region_name
-    if image_uri:
-        image, data, environment = image_uri, model_data, {}
+    if served.image_uri:
+        image, data, environment = served.image_uri, served.model_data, {}
     else:
         image, data, environment = stock_container(
-            session, model_data, region=region, framework_version=framework_version, py_version=py_version,
-            instance_type=instance_type, key=repack_key,
+            session, served.model_data, region=region, framework_version=served.framework_version,
+            py_version=served.py_version, instance_type=instance_type, key=repack_key,
         )  # fmt: skip
     model = Model.create(
         model_name=name,
         primary_container=ContainerDefinition(image=image, model_data_url=data, environment=environment),
-        execution_role_arn=role,
-        enable_network_isolation=network_isolation,
+        execution_role_arn=served.role,
+        enable_network_isolation=served.network_isolation,
         session=session.boto_session,
         region=region,
     )
@@ -122,18 +128,13 @@ def create_model(
 
 def deploy(
     session: Any,
+    served: ServedModel,
     *,
-    model_data: str,
-    role: str,
-    image_uri: str | None,
     instance_type: str,
     initial_instance_count: int,
     endpoint_name: str | None,
-    network_isolation: bool,
     base_name: str,
     prefix: str,
-    framework_version: str,
-    py_version: str,
     wait: bool,
 ) -> str:
     """Create the model, endpoint config and endpoint; return the endpoint's name."""
@@ -143,10 +144,8 @@ def deploy(
     region = session.boto_region_name
     name = endpoint_name or f"{base_name}-{time.strftime('%Y-%m-%d-%H-%M-%S')}"
     model_name = create_model(
-        session, name=name, model_data=model_data, role=role, image_uri=image_uri, instance_type=instance_type,
-        network_isolation=network_isolation, repack_key=f"{prefix}/deploy/{name}", framework_version=framework_version,
-        py_version=py_version,
-    )  # fmt: skip
+        session, served, name=name, instance_type=instance_type, repack_key=f"{prefix}/deploy/{name}"
+    )
     boto = session.boto_session
     variant = ProductionVariant(
         variant_name="AllTraffic", model_name=model_name, instance_type=instance_type,

@@ -169,6 +169,22 @@ def launch_tune(cfg: DictConfig, job_overrides: Sequence[str], session: Any | No
     return tuning.launch_tune(make_tuner(cfg, trainer), job_inputs(cfg, session), wait=bool(sm.wait))
 
 
+def served_model(cfg: DictConfig, session: Any) -> Any:
+    """The model ``sagemaker.deploy`` names (a training job's or an S3 ``model.tar.gz``), for deploy and transform."""
+    from dogbreed.sagemaker import deployment
+
+    sm, dc = cfg.sagemaker, cfg.sagemaker.deploy
+    role = required(sm, "role")
+    return deployment.ServedModel(
+        model_data=deployment.model_data_of(session, training_job=dc.training_job, model_data=dc.model_data),
+        role=role,
+        image_uri=dc.image_uri,
+        network_isolation=bool(sm.network_isolation),
+        framework_version=str(dc.framework_version),
+        py_version=dc.py_version,
+    )
+
+
 def deploy(cfg: DictConfig, session: Any | None = None) -> str:
     """Deploy a training job's ``model.tar.gz`` behind an endpoint; return its name."""
     from dogbreed.sagemaker import deployment
@@ -177,36 +193,28 @@ def deploy(cfg: DictConfig, session: Any | None = None) -> str:
     session = session or session_for(sm)
     return deployment.deploy(
         session,
-        model_data=deployment.model_data_of(session, training_job=dc.training_job, model_data=dc.model_data),
-        role=required(sm, "role"),
-        image_uri=dc.image_uri,
+        served_model(cfg, session),
         instance_type=dc.instance_type,
         initial_instance_count=dc.initial_instance_count,
         endpoint_name=dc.endpoint_name,
-        network_isolation=bool(sm.network_isolation),
         base_name=sm.base_job_name,
         prefix=sm.prefix,
-        framework_version=str(dc.framework_version),
-        py_version=dc.py_version,
         wait=bool(sm.wait),
     )
 
 
 def transform(cfg: DictConfig, session: Any | None = None) -> str:
     """Batch Transform over ``sagemaker.transform.input`` with the model ``deploy`` serves; return the job's name."""
-    from dogbreed.sagemaker import deployment
     from dogbreed.sagemaker.transform import transform as transform_job
 
-    sm, dc, tc = cfg.sagemaker, cfg.sagemaker.deploy, cfg.sagemaker.transform
-    role = required(sm, "role")
+    sm, tc = cfg.sagemaker, cfg.sagemaker.transform
+    required(sm, "role")
     if not tc.input:
         raise LaunchError("sagemaker.transform.input is not set; pass sagemaker.transform.input=s3://bucket/prefix.")
     session = session or session_for(sm)
     return transform_job(
         session,
-        model_data=deployment.model_data_of(session, training_job=dc.training_job, model_data=dc.model_data),
-        role=role,
-        image_uri=dc.image_uri,
+        served_model(cfg, session),
         input_s3_uri=tc.input,
         output_s3_uri=tc.output,
         instance_type=tc.instance_type,
@@ -217,12 +225,9 @@ def transform(cfg: DictConfig, session: Any | None = None) -> str:
         max_payload_mb=tc.max_payload_mb,
         max_concurrent_transforms=tc.max_concurrent_transforms,
         job_name=tc.job_name,
-        network_isolation=bool(sm.network_isolation),
         base_name=sm.base_job_name,
         bucket=sm.bucket,
         prefix=sm.prefix,
-        framework_version=str(dc.framework_version),
-        py_version=dc.py_version,
         wait=bool(sm.wait),
     )
 

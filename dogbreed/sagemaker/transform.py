@@ -13,7 +13,7 @@ import logging
 import time
 from typing import Any
 
-from dogbreed.sagemaker.deployment import create_model
+from dogbreed.sagemaker.deployment import ServedModel, create_model
 from dogbreed.sagemaker.session import LaunchError, s3_uri
 
 log = logging.getLogger(__name__)
@@ -23,10 +23,8 @@ SPLIT_TYPES = ("None", "Line", "RecordIO", "TFRecord")
 
 def transform(
     session: Any,
+    served: ServedModel,
     *,
-    model_data: str,
-    role: str,
-    image_uri: str | None,
     input_s3_uri: str | None,
     output_s3_uri: str | None,
     instance_type: str,
@@ -37,12 +35,9 @@ def transform(
     max_payload_mb: int,
     max_concurrent_transforms: int | None,
     job_name: str | None,
-    network_isolation: bool,
     base_name: str,
     bucket: str,
     prefix: str,
-    framework_version: str,
-    py_version: str,
     wait: bool,
 ) -> str:
     """Create the model and a transform job over ``input_s3_uri``; return the job's name.
@@ -70,10 +65,8 @@ def transform(
     name = job_name or f"{base_name}-transform-{time.strftime('%Y-%m-%d-%H-%M-%S')}"
     output = output_s3_uri or s3_uri(bucket, prefix, "transform", name)
     model_name = create_model(
-        session, name=name, model_data=model_data, role=role, image_uri=image_uri, instance_type=instance_type,
-        network_isolation=network_isolation, repack_key=f"{prefix}/transform/{name}",
-        framework_version=framework_version, py_version=py_version,
-    )  # fmt: skip
+        session, served, name=name, instance_type=instance_type, repack_key=f"{prefix}/transform/{name}"
+    )
     job = TransformJob.create(
         transform_job_name=name,
         model_name=model_name,
