@@ -34,6 +34,8 @@ class EMAWeights(WeightAveraging):
 
     Args:
         decay: Weight of the old average at each step once warmed up (0.999: about the last 1,000 steps).
+        device: Where the average is kept: None beside the model; ``cpu`` spares accelerator memory for a copy
+            of the weights, at the price of a transfer every step.
     """
 
     def __init__(self, decay: float = 0.999, device: torch.device | str | None = None) -> None:
