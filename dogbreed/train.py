@@ -115,10 +115,10 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[Callback] = ()) -> dict[str
             cfg.data.num_classes = datamodule.num_classes
 
     log.info("Instantiating model <%s>", cfg.model._target_)
-    # the exported model records them for serving: refuse what it cannot rebuild now, not after training
+    # the exported model records them for serving: refuse what it cannot rebuild in one line, before Hydra
+    # builds the model (which would wrap the error in its own traceback)
     spec = cfg.model.get("backbone_kwargs")
-    backbone_kwargs = OmegaConf.to_container(spec, resolve=True) if spec else {}
-    build_backbone_kwargs(backbone_kwargs)
+    build_backbone_kwargs(OmegaConf.to_container(spec, resolve=True) if spec else {})
     model: DogBreedClassifier = instantiate(cfg.model)
     callbacks = [resume_state, *instantiate_group(cfg.get("callbacks"), "callback"), *extra_callbacks]
     loggers = instantiate_group(cfg.get("logger"), "logger")
@@ -145,7 +145,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[Callback] = ()) -> dict[str
         if trainer.is_global_zero:
             write_model_dir(
                 cfg.paths.model_dir, model.net, backbone=model.hparams.backbone, stem=model.hparams.stem,
-                backbone_kwargs=backbone_kwargs, test_time_flip=model.hparams.test_time_flip,
+                backbone_kwargs=model.hparams.backbone_kwargs, test_time_flip=model.hparams.test_time_flip,
                 class_names=datamodule.class_names, preprocessing=datamodule.preprocessing,
             )  # fmt: skip
             write_test_results(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import functools
 import itertools
 import urllib.error
@@ -15,7 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from dogbreed.callbacks import BackboneFreezeUnfreeze
 from dogbreed.models import DogBreedClassifier, WeightsError, create_backbone
-from dogbreed.models.backbone import BackboneError, build_backbone_kwargs
+from dogbreed.models.backbone import BackboneError, backbone_kwargs_spec, build_backbone_kwargs
 from dogbreed.models.schedulers import cosine_with_warmup, step_decay
 
 
@@ -126,6 +127,11 @@ def test_backbone_kwargs_build_plain_values_and_torch_nn_classes_only():
             build_backbone_kwargs({"layer": {"_target_": target, "_partial_": True}})
     with pytest.raises(BackboneError, match=r"model.backbone_kwargs.norm_layer is a partial; .* must be plain"):
         build_backbone_kwargs({"norm_layer": functools.partial(nn.BatchNorm2d, eps=1e-3)})
+    built = {"norm_layer": functools.partial(nn.BatchNorm2d, eps=1e-3), "dropout": 0.2}
+    spec = backbone_kwargs_spec(built)
+    assert build_backbone_kwargs(spec)["norm_layer"](4).eps == 1e-3 and backbone_kwargs_spec(spec) == spec
+    with pytest.raises(BackboneError, match=r"norm_layer._target_='collections.OrderedDict' is not a torch.nn"):
+        backbone_kwargs_spec({"norm_layer": functools.partial(collections.OrderedDict, a=1)})
 
 
 @pytest.mark.parametrize("runtime", ["eager", "torchscript"])
@@ -155,14 +161,18 @@ def test_a_model_built_with_backbone_kwargs_is_served_as_it_was_trained(tmp_path
     assert torch.allclose(load_model(root, runtime=runtime).predict(pixels), want, atol=1e-5)
 
 
-def test_a_checkpoint_of_a_model_with_a_norm_layer_partial_loads_with_weights_only(tmp_path):
+def test_a_checkpoint_of_a_model_with_a_norm_layer_partial_loads_with_weights_only_and_the_same_eps(tmp_path):
     model = DogBreedClassifier(num_classes=3, backbone="mobilenet_v2", weights=None,
                                backbone_kwargs={"norm_layer": functools.partial(nn.BatchNorm2d, eps=1e-3)})  # fmt: skip
     trainer = L.Trainer(max_epochs=0, logger=False, enable_checkpointing=False, enable_progress_bar=False)
     trainer.strategy.connect(model)
     trainer.save_checkpoint(tmp_path / "m.ckpt")
     checkpoint = torch.load(tmp_path / "m.ckpt", weights_only=True)
-    assert "backbone_kwargs" not in checkpoint["hyper_parameters"]
+    assert checkpoint["hyper_parameters"]["backbone_kwargs"] == {
+        "norm_layer": {"_target_": "torch.nn.modules.batchnorm.BatchNorm2d", "_partial_": True, "eps": 1e-3}
+    }
+    loaded = DogBreedClassifier.load_from_checkpoint(tmp_path / "m.ckpt", weights_only=True)
+    assert {m.eps for m in loaded.net.modules() if isinstance(m, nn.BatchNorm2d)} == {1e-3}
 
 
 def test_files_are_loaded_without_unpickling_code(tmp_path):

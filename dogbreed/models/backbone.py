@@ -93,6 +93,37 @@ def build_backbone_kwargs(spec: Mapping[str, Any] | None, where: str = "model.ba
     return {key: _build_value(value, f"{where}.{key}") for key, value in (spec or {}).items()}
 
 
+def backbone_kwargs_spec(kwargs: Mapping[str, Any] | None, where: str = "model.backbone_kwargs") -> dict[str, Any]:
+    """The recorded form of constructor arguments, built (what Hydra hands the model) or recorded already.
+
+    The inverse of :func:`build_backbone_kwargs`: a ``functools.partial`` of a ``torch.nn`` class (or the class)
+    becomes ``{"_target_": ..., "_partial_": True, **its keywords}``, so checkpoints and ``model_config.json``
+    hold plain values from which the same network is rebuilt.
+    """
+    spec = {key: _spec_value(value, f"{where}.{key}") for key, value in (kwargs or {}).items()}
+    build_backbone_kwargs(spec, where)
+    return spec
+
+
+def _spec_value(value: Any, where: str) -> Any:
+    if isinstance(value, _PLAIN):
+        return value
+    if isinstance(value, list | tuple):
+        return [_spec_value(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, Mapping):
+        return {k: _spec_value(v, f"{where}.{k}") for k, v in value.items()}
+    func, keywords = (value.func, value.keywords) if isinstance(value, functools.partial) else (value, {})
+    if isinstance(value, functools.partial) and value.args:
+        raise BackboneError(f"{where} is a partial with positional arguments; give them by keyword.")
+    if not isinstance(func, type):
+        raise BackboneError(
+            f"{where} is a {type(value).__name__}; the exported model records its backbone's arguments, so they "
+            "must be plain values or a torch.nn class given by _target_ (and _partial_: true)."
+        )
+    target = f"{func.__module__}.{func.__qualname__}"
+    return {"_target_": target, "_partial_": True, **{k: _spec_value(v, f"{where}.{k}") for k, v in keywords.items()}}
+
+
 def _build_value(value: Any, where: str) -> Any:
     if isinstance(value, _PLAIN):
         return value

@@ -15,7 +15,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from torchmetrics import MaxMetric, MetricCollection, MinMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 
-from dogbreed.models.backbone import create_backbone, flip_averaged
+from dogbreed.models.backbone import backbone_kwargs_spec, build_backbone_kwargs, create_backbone, flip_averaged
 
 OptimizerFactory = Callable[..., Optimizer]
 SchedulerFactory = Callable[..., LRScheduler]
@@ -46,7 +46,9 @@ class DogBreedClassifier(L.LightningModule):
         channels_last: Use the NHWC memory format (faster convolutions with AMP on tensor-core GPUs).
         compile: ``torch.compile`` the network in place (state-dict keys stay unchanged); pays a one-off
             compilation at the first batches, so it helps long runs on GPUs.
-        backbone_kwargs: Extra torchvision constructor arguments.
+        backbone_kwargs: Extra torchvision constructor arguments, built (a ``norm_layer`` partial, as Hydra
+            instantiates ``_target_``) or in their recorded form; kept in the checkpoint recorded, so that
+            ``load_from_checkpoint`` and the exported model rebuild the same network.
         weights_cache_dir: Cache for ``s3://`` weight files.
     """
 
@@ -68,11 +70,13 @@ class DogBreedClassifier(L.LightningModule):
         weights_cache_dir: str | Path | None = None,
     ) -> None:
         super().__init__()
-        # backbone_kwargs may hold objects (a norm_layer partial) that checkpoints, loaded with weights_only, refuse
         self.save_hyperparameters(ignore=["optimizer", "scheduler", "weights_cache_dir", "backbone_kwargs"])
+        # recorded, not as objects (a norm_layer partial), which checkpoints loaded with weights_only refuse
+        self.hparams["backbone_kwargs"] = backbone_kwargs_spec(backbone_kwargs)
         self.net, self.head_name = create_backbone(
-            backbone, num_classes, weights, cache_dir=weights_cache_dir, stem=stem, **(backbone_kwargs or {})
-        )
+            backbone, num_classes, weights, cache_dir=weights_cache_dir, stem=stem,
+            **build_backbone_kwargs(self.hparams.backbone_kwargs),
+        )  # fmt: skip
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         if compile:
