@@ -21,6 +21,7 @@ from dogbreed.serve.handlers import (
     model_fn,
     output_fn,
     predict_fn,
+    transform_fn,
 )
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "images"
@@ -264,3 +265,33 @@ def test_non_finite_answers_are_refused(model) -> None:
     with pytest.raises(InferenceError) as info:
         output_fn(prediction, "application/json")
     assert info.value.status == 400 and info.value.body["error"] == "non_finite_output"
+
+
+def torchserve_context() -> object:
+    """TorchServe's own request context for one request, as its Python worker builds it."""
+    ts_context = pytest.importorskip("ts.context", reason="needs torchserve (the dev extra)")
+    context = ts_context.Context("model", "/opt/ml/model", None, 1, None, "0.12.0")
+    context.request_processor = [ts_context.RequestProcessor({})]
+    return context
+
+
+def test_transform_fn_answers_refusals_and_failures_in_json_alone(model, expected, monkeypatch, caplog) -> None:
+    """What code/inference.py exports: 200, a refusal's own status, or a 500 whose traceback goes to the log."""
+    context = torchserve_context()
+    body, media_type = transform_fn(model, PHOTO.read_bytes(), "image/jpeg", "application/json", context)
+    assert media_type == "application/json" and json.loads(body)["predictions"] == expected
+    assert context.get_response_status(0)[0] == 200
+
+    body, media_type = transform_fn(model, b"not a photo", "image/jpeg", "application/json", context)
+    assert context.get_response_status(0) == (400, "Bad Request") and json.loads(body)["error"] == "not_an_image"
+
+    def broken(pixels: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(model, "predict", broken)
+    body, media_type = transform_fn(model, PHOTO.read_bytes(), "image/jpeg", "application/json", context)
+    assert context.get_response_status(0) == (500, "Internal Server Error") and media_type == "application/json"
+    assert json.loads(body) == {
+        "error": "internal_error", "message": "the endpoint failed on this request; see its log."
+    }  # fmt: skip
+    assert "CUDA error" not in body.decode() and "illegal memory access" in caplog.text
