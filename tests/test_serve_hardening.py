@@ -31,6 +31,7 @@ from dogbreed.serve.server import PixelBudget
 from tests.test_serve_server import PHOTO, Endpoint, start_endpoint, stop_endpoint
 
 BODY_TIMEOUT_S = 1.5
+HEADER_TIMEOUT_S = 1.5
 MAX_RECEIVING = 8
 MAX_PIXELS = 10_000_000  # per request and in flight
 
@@ -44,6 +45,7 @@ def _one_thread(_few_threads: None) -> None:
 def endpoint(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Endpoint]:
     log = tmp_path_factory.mktemp("hardened") / "server.log"
     limits = ["--max-body-mb", "2", "--body-timeout", str(BODY_TIMEOUT_S), "--max-receiving", str(MAX_RECEIVING)]
+    limits += ["--header-timeout", str(HEADER_TIMEOUT_S)]
     pixels = ["--max-request-pixels", str(MAX_PIXELS), "--max-inflight-pixels", str(MAX_PIXELS)]
     endpoint = start_endpoint(tiny_model_dir.parent, log, *limits, *pixels, "--log-level", "debug")
     yield endpoint
@@ -268,6 +270,22 @@ def test_slow_clients_are_dropped_and_ping_keeps_answering(endpoint: Endpoint) -
     assert max(pings) < 2.0
     ok = httpx.post(f"{endpoint.url}/invocations", content=PHOTO.read_bytes(), headers={"Content-Type": "image/jpeg"})
     assert ok.status_code == 200
+
+
+def test_connections_whose_headers_never_finish_are_closed(endpoint: Endpoint) -> None:
+    """uvicorn alone keeps them open for ever (slowloris); a keep-alive connection that is used in time stays."""
+    host, port = endpoint.url.removeprefix("http://").split(":")
+    for sent in (b"", b"POST /invocations HTTP/1.1\r\nHost: x\r\n", b"GET /ping HTTP/1.1\r\nHost: x\r\n"):
+        with socket.create_connection((host, int(port)), timeout=HEADER_TIMEOUT_S + 10) as conn:
+            conn.sendall(sent)
+            start = time.monotonic()
+            assert conn.recv(1024) == b"", sent  # closed without an answer
+            assert HEADER_TIMEOUT_S - 0.1 < time.monotonic() - start < HEADER_TIMEOUT_S + 5, sent
+    with httpx.Client(timeout=10) as client:
+        for _ in range(3):  # one connection, each request within the deadline after the last response
+            assert client.get(f"{endpoint.url}/ping").status_code == 200
+            time.sleep(HEADER_TIMEOUT_S / 3)
+        assert client.get(f"{endpoint.url}/ping").status_code == 200
 
 
 def peak_rss(pid: int) -> int:

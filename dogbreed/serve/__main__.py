@@ -10,6 +10,7 @@ outside a container).
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import sys
@@ -64,6 +65,10 @@ def _parser(*, model_default: str | None, host_default: str, prog: str) -> argpa
         help="seconds a request may take to send its body (408 and the connection closed beyond)",
     )  # fmt: skip
     parser.add_argument(
+        "--header-timeout", type=float, default=30,
+        help="seconds a connection may wait for a request's headers (closed beyond)",
+    )  # fmt: skip
+    parser.add_argument(
         "--max-queued", type=int, default=config.max_queued_images, help="images waiting for the model before 503"
     )
     parser.add_argument("--threads", type=int, help=f"torch / ONNX Runtime threads (default: {available_cpus()} CPUs)")
@@ -76,6 +81,8 @@ def _parser(*, model_default: str | None, host_default: str, prog: str) -> argpa
 def main(argv: list[str] | None = None, *, container: bool = False) -> None:
     """Load the model, then serve until SIGINT/SIGTERM (in-flight requests are finished first)."""
     import uvicorn
+
+    from dogbreed.serve.protocol import HeaderDeadlineH11
 
     argv = sys.argv[1:] if argv is None else argv
     if container and argv[:1] == ["serve"]:  # SageMaker passes "serve" as the container's argument
@@ -117,6 +124,7 @@ def main(argv: list[str] | None = None, *, container: bool = False) -> None:
             parser.exit(2, f"error: cannot load {args.model}: {err}\n")
         uvicorn.run(
             create_app(model, config),
+            http=functools.partial(HeaderDeadlineH11, header_timeout_s=args.header_timeout),
             host=args.host,
             port=args.port,
             log_level=args.log_level,
