@@ -120,6 +120,28 @@ def test_a_uniform_map_is_all_zero_not_nan() -> None:
     assert heatmap.shape == (4, 4) and torch.equal(heatmap, torch.zeros(4, 4))
 
 
+def test_a_test_time_flip_answer_is_explained_for_both_passes() -> None:
+    """Its answer for a mirrored photo is the same answer, so its map of the mirrored photo is the mirrored map.
+
+    A ResNet's filters are not mirror-symmetric, so the plain map of one pass has no such symmetry.
+    """
+    torch.manual_seed(0)
+    net, head = create_backbone("resnet18", num_classes=3)
+    nn.init.normal_(net.get_submodule(head).weight, std=0.5)  # logits with gradients worth mapping
+    net.eval()
+    image = torch.rand(1, 3, 64, 64)
+
+    def maps(mirrored: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        first = grad_cam(net, image, [1], mirrored=mirrored).heatmaps[0]
+        return first, grad_cam(net, image.flip(-1), [1], mirrored=mirrored).heatmaps[0]
+
+    plain, plain_of_mirror = maps(False)
+    assert (plain_of_mirror - plain.flip(-1)).abs().max() > 0.05
+    both, both_of_mirror = maps(True)
+    assert torch.allclose(both_of_mirror, both.flip(-1), atol=1e-5)
+    assert both.min() == 0 and both.max() == pytest.approx(1)
+
+
 def test_heat_map_and_crop_encode_faithfully() -> None:
     heatmap = torch.linspace(0, 1, 64).reshape(8, 8)
     grey = np.asarray(Image.open(io.BytesIO(heatmap_png(heatmap))))
@@ -167,6 +189,25 @@ def test_explain_adds_an_explanation_and_changes_nothing_else(model) -> None:
     assert heatmap.shape == (size, size) and heatmap.dtype == np.uint8
     assert decode_png(explanation["input_jpeg"]).shape == (size, size, 3)
     assert no_hooks_left(model.net) and all(p.grad is None for p in model.net.parameters())
+
+
+def test_a_flip_tested_model_explains_a_mirrored_photo_with_the_mirrored_map(tiny_model_dir: Path, tmp_path) -> None:
+    from dogbreed.artifacts import read_model_dir, write_model_dir
+
+    md = read_model_dir(tiny_model_dir)
+    flip_dir = write_model_dir(
+        tmp_path / "model", md.network(), backbone=md.backbone, class_names=md.class_names,
+        preprocessing=md.preprocessing, test_time_flip=True,
+    )  # fmt: skip
+    flip_model = load_model(flip_dir, device="cpu")
+    photo = Image.open(PHOTO).convert("RGB")
+    maps = []
+    for image in (photo, photo.transpose(Image.Transpose.FLIP_LEFT_RIGHT)):
+        buffer = io.BytesIO()
+        image.save(buffer, "PNG")  # lossless: the mirrored photo is exactly the mirror image
+        explained = ask(flip_model, {"image": base64.b64encode(buffer.getvalue()).decode(), "explain": True})
+        maps.append(decode_png(explained["explanation"]["heatmap_png"]).astype(int))
+    assert np.abs(maps[1] - maps[0][:, ::-1]).max() <= 2  # 8-bit PNG levels
 
 
 def test_explain_a_batch_gives_one_explanation_per_image(model) -> None:

@@ -86,7 +86,9 @@ def find_target_layer(net: nn.Module, pixels: torch.Tensor) -> str:
     return candidates[-1]
 
 
-def grad_cam(net: nn.Module, pixels: torch.Tensor, classes: Sequence[int], *, layer: str | None = None) -> GradCam:
+def grad_cam(
+    net: nn.Module, pixels: torch.Tensor, classes: Sequence[int], *, layer: str | None = None, mirrored: bool = False
+) -> GradCam:
     """Grad-CAM of each preprocessed image ``(N, 3, S, S)`` for its class, upsampled to ``S x S``.
 
     The channels of ``layer``'s output are weighted by the mean gradient of the class's logit, summed, kept
@@ -98,16 +100,31 @@ def grad_cam(net: nn.Module, pixels: torch.Tensor, classes: Sequence[int], *, la
         pixels: Preprocessed images, as the prediction got them.
         classes: One class index per image (the top-1 of the prediction).
         layer: A module name of ``net``; by default :func:`find_target_layer`'s answer.
+        mirrored: Explain a test-time-flip answer (the mean logits of the image and its mirror image): the mean
+            of both passes' maps, the mirror's flipped back, before scaling. Its map of a mirrored image is
+            then the mirrored map, as its answer is the same answer.
     """
     if len(classes) != len(pixels):
         raise ValueError(f"{len(classes)} classes for {len(pixels)} images: give one class per image.")
     layer = layer or find_target_layer(net, pixels)
     module = net.get_submodule(layer)
-    heatmaps = [_one(net, module, image[None], int(index)) for image, index in zip(pixels, classes, strict=True)]
+    heatmaps = []
+    for image, index in zip(pixels, classes, strict=True):
+        cam = _one(net, module, image[None], int(index))
+        if mirrored:
+            cam = (cam + _one(net, module, image.flip(-1)[None], int(index)).flip(-1)) / 2
+        heatmaps.append(_scaled(cam))
     return GradCam(torch.stack(heatmaps), [int(c) for c in classes], layer)
 
 
+def _scaled(cam: torch.Tensor) -> torch.Tensor:
+    cam = cam - cam.min()
+    peak = cam.max()
+    return cam / peak if peak > 0 else cam
+
+
 def _one(net: nn.Module, module: nn.Module, image: torch.Tensor, index: int) -> torch.Tensor:
+    """The unscaled ``(S, S)`` map of one image ``(1, 3, S, S)``, on the CPU."""
     saved: list[torch.Tensor] = []
     handle = module.register_forward_hook(_this_thread_only(lambda _m, _a, output: saved.append(output)))
     try:
@@ -121,10 +138,7 @@ def _one(net: nn.Module, module: nn.Module, image: torch.Tensor, index: int) -> 
     with torch.no_grad():
         weights = gradient.mean(dim=(2, 3), keepdim=True)
         cam = torch.relu((weights * activation).sum(dim=1, keepdim=True))
-        cam = F.interpolate(cam.float(), size=image.shape[-2:], mode="bilinear", align_corners=False)[0, 0]
-        cam = cam - cam.min()
-        peak = cam.max()
-        return (cam / peak if peak > 0 else cam).cpu()
+        return F.interpolate(cam.float(), size=image.shape[-2:], mode="bilinear", align_corners=False)[0, 0].cpu()
 
 
 def _device(net: nn.Module) -> torch.device:

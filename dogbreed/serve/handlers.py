@@ -245,7 +245,8 @@ class DogBreedModel:
         if not torch.isfinite(probabilities).all():
             return None
         try:
-            cam = grad_cam(self.net, pixels, probabilities.argmax(dim=1).tolist(), layer=self.explain_layer)
+            classes = probabilities.argmax(dim=1).tolist()
+            cam = grad_cam(self.net, pixels, classes, layer=self.explain_layer, mirrored=self.test_time_flip)
         except ValueError as err:  # not a convolutional backbone
             raise InferenceError(400, "explain_unsupported", str(err), accepted=["explain=false"]) from None
         self.explain_layer = cam.layer
