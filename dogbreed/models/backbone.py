@@ -105,6 +105,13 @@ def backbone_kwargs_spec(kwargs: Mapping[str, Any] | None, where: str = "model.b
     return spec
 
 
+def _not_recordable(value: Any, where: str) -> BackboneError:
+    return BackboneError(
+        f"{where} is a {type(value).__name__}; the exported model records its backbone's arguments, so they "
+        "must be plain values or a torch.nn class given by _target_ (and _partial_: true)."
+    )
+
+
 def _spec_value(value: Any, where: str) -> Any:
     if isinstance(value, _PLAIN):
         return value
@@ -116,10 +123,7 @@ def _spec_value(value: Any, where: str) -> Any:
     if isinstance(value, functools.partial) and value.args:
         raise BackboneError(f"{where} is a partial with positional arguments; give them by keyword.")
     if not isinstance(func, type):
-        raise BackboneError(
-            f"{where} is a {type(value).__name__}; the exported model records its backbone's arguments, so they "
-            "must be plain values or a torch.nn class given by _target_ (and _partial_: true)."
-        )
+        raise _not_recordable(value, where)
     target = f"{func.__module__}.{func.__qualname__}"
     return {"_target_": target, "_partial_": True, **{k: _spec_value(v, f"{where}.{k}") for k, v in keywords.items()}}
 
@@ -130,10 +134,7 @@ def _build_value(value: Any, where: str) -> Any:
     if isinstance(value, list | tuple):
         return [_build_value(v, f"{where}[{i}]") for i, v in enumerate(value)]
     if not isinstance(value, Mapping):
-        raise BackboneError(
-            f"{where} is a {type(value).__name__}; the exported model records its backbone's arguments, so they "
-            "must be plain values or a torch.nn class given by _target_ (and _partial_: true)."
-        )
+        raise _not_recordable(value, where)
     if "_target_" not in value:
         return build_backbone_kwargs(value, where)
     target = str(value["_target_"])
