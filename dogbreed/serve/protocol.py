@@ -21,6 +21,7 @@ class HeaderDeadlineH11(H11Protocol):
     def __init__(self, *args: Any, header_timeout_s: float, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.header_timeout_s = header_timeout_s
+        self._header_deadline: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -30,9 +31,20 @@ class HeaderDeadlineH11(H11Protocol):
         super().on_response_complete()
         self._expect_headers()
 
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_deadline()
+        super().connection_lost(exc)
+
     def _expect_headers(self) -> None:
+        # one pending deadline per connection, not one per response of a busy keep-alive connection
+        self._cancel_deadline()
         if not self.transport.is_closing():
-            self.loop.call_later(self.header_timeout_s, self._headers_due, self.cycle)
+            self._header_deadline = self.loop.call_later(self.header_timeout_s, self._headers_due, self.cycle)
+
+    def _cancel_deadline(self) -> None:
+        if self._header_deadline is not None:
+            self._header_deadline.cancel()
+            self._header_deadline = None
 
     def _headers_due(self, waiting_since: object) -> None:
         # a new request replaces self.cycle as soon as its headers are complete
