@@ -1,14 +1,15 @@
 """``python -m dogbreed.predict MODEL INPUT -o predictions.csv``: classify many images with the serving code path.
 
 MODEL is a run dir, a model package dir or a ``model.tar.gz``; INPUT a folder (searched recursively), a list
-file (one path or ``s3://`` URI per line), one image, or ``s3://bucket/prefix``. The model is loaded and every
-image decoded and preprocessed by :mod:`dogbreed.serve.handlers`, exactly as the endpoint does, so a batch
-answer equals the endpoint's answer for the same file. Images are decoded in threads and classified in
-batches on the device; a file that cannot be read or decoded becomes a row with its reason in ``error`` and the
-run goes on. A folder in the dogImages layout (``INPUT/<NNN.Class>/img`` or ``INPUT/<split>/<NNN.Class>/img``)
-is labelled: the accuracy is printed and a confusion matrix written next to the output.
+file (one path or ``s3://`` URI per line), one image, or ``s3://bucket/prefix``. The model is loaded by
+:mod:`dogbreed.serve.runtime` and every image decoded by :mod:`dogbreed.serve.codec` and preprocessed exactly as
+the endpoint does, so a batch answer equals the endpoint's answer for the same file. Images are decoded in
+threads and classified in batches on the device; a file that cannot be read or decoded becomes a row with its
+reason in ``error`` and the run goes on. A folder in the dogImages layout (``INPUT/<NNN.Class>/img`` or
+``INPUT/<split>/<NNN.Class>/img``) is labelled: the accuracy is printed and a confusion matrix written next to
+the output.
 
-Like the handlers, this module never imports Lightning or the training code, and boto3 only for ``s3://``.
+Like the serving modules, this module never imports Lightning or the training code, and boto3 only for ``s3://``.
 """
 
 from __future__ import annotations
@@ -34,18 +35,9 @@ import torch
 from dogbreed._io import atomic_path, available_cpus, s3_client, split_s3_uri
 from dogbreed.artifacts import write_confusion_csv
 from dogbreed.data.layout import IMAGE_EXTENSIONS, NUMBERED_CLASS_FOLDER, display_name
-from dogbreed.serve.handlers import (
-    _ACCEPTED_INPUT,
-    RUNTIMES,
-    DogBreedModel,
-    InferenceError,
-    Limits,
-    Prediction,
-    decode_image,
-    format_predictions,
-    load_model,
-)
+from dogbreed.serve.codec import ACCEPTED_INPUT, InferenceError, Limits, Prediction, decode_image, format_predictions
 from dogbreed.serve.package import extract_package, find_model_dir
+from dogbreed.serve.runtime import RUNTIMES, DogBreedModel, load_model
 
 __all__ = ["FORMATS", "PredictError", "Result", "Summary", "list_inputs", "open_model", "predict", "predict_to_file"]
 
@@ -101,7 +93,7 @@ def class_of_folder(folder: str) -> str | None:
 
 
 def open_model(source: str | Path, *, runtime: str | None = None, device: str | None = None) -> DogBreedModel:
-    """Load a ``model.tar.gz``, a package dir or a run dir with the handlers' :func:`load_model`."""
+    """Load a ``model.tar.gz``, a package dir or a run dir with :func:`~dogbreed.serve.runtime.load_model`."""
     path = Path(source)
     if device and device.startswith("cuda") and not torch.cuda.is_available():
         raise PredictError(f"--device {device}, but torch sees no CUDA device here: use --device cpu.")
@@ -214,7 +206,7 @@ class _Reader:
 
 def _reason(err: InferenceError) -> str:
     """The handler's message without its list of HTTP content types, which means nothing for a file."""
-    return f"{err.body['error']}: {err.body['message'].replace(f'; {_ACCEPTED_INPUT}', '')}"
+    return f"{err.body['error']}: {err.body['message'].replace(f'; {ACCEPTED_INPUT}', '')}"
 
 
 def _prepare(model: DogBreedModel, read: Callable[[str], bytes], limits: Limits, item: Item) -> torch.Tensor | str:

@@ -1,7 +1,7 @@
 """The one definition of image preprocessing, shared by training and serving.
 
 Training builds its transforms from a :class:`Preprocessing`; the exported model directory stores the
-same object as JSON, and the inference handlers rebuild the eval transform from it. There is no second
+same object as JSON, and the serving runtime rebuilds the eval transform from it. There is no second
 copy that could drift.
 """
 

@@ -34,8 +34,8 @@ import torch
 from dogbreed._io import available_cpus
 from dogbreed.artifacts import write_model_dir
 from dogbreed.models.backbone import create_backbone
-from dogbreed.serve.handlers import load_model
 from dogbreed.serve.package import build_package, extract_package, find_model_dir
+from dogbreed.serve.runtime import load_model
 from dogbreed.transforms import Preprocessing, load_rgb
 
 PHOTO = Path(__file__).resolve().parents[1] / "examples" / "images" / "Labrador_retriever_06457.jpg"

@@ -24,6 +24,9 @@ OUTSIDE_CORE = ("serve/", "sagemaker/", "tune.py", "package.py", "predict.py")
 OPTIONAL = ("dogbreed.serve", "dogbreed.sagemaker", "sagemaker", "optuna", "smdebug", "starlette", "uvicorn")
 TRAINING = ("lightning", "pytorch_lightning", "dogbreed.callbacks", "dogbreed.train")
 LIGHTNING_FREE = ("report/", "rules/", "rundir.py")
+# what the stock SageMaker PyTorch inference container has for a model package's code/ to import on loading;
+# sagemaker_inference is the toolkit itself (imported in a try: the local server runs without it)
+STOCK_CONTAINER = ("torch", "torchvision", "PIL", "numpy", "sagemaker_inference")
 
 
 def _module(path: Path) -> str:
@@ -86,6 +89,26 @@ def test_serving_never_imports_lightning_or_training() -> None:
     files = _files(under=("serve/", "predict.py"))
     assert PACKAGE / "predict.py" in files
     assert _violations(files, TRAINING, module_level=False) == []
+
+
+def test_a_model_package_loads_with_what_a_stock_container_has() -> None:
+    """The modules a package ships (its handlers' import closure) import only the container's packages on loading;
+    the codec, which the local server shares, knows no model."""
+    from dogbreed.serve.package import served_modules
+
+    files = [PACKAGE.joinpath(*m.split(".")[1:]).with_suffix(".py") for m in served_modules()]
+    assert PACKAGE / "serve" / "handlers.py" in files and PACKAGE / "serve" / "codec.py" in files
+    allowed = {*sys.stdlib_module_names, *STOCK_CONTAINER, "dogbreed"}
+    outside = [
+        f"{path.relative_to(PACKAGE.parent)}:{line} imports {name}"
+        for path in files
+        for line, name in _imports(path, module_level=True)
+        if name.split(".")[0] not in allowed
+    ]
+    assert outside == []
+    assert _violations(files, ("dogbreed.serve.server", "dogbreed.serve.package"), module_level=False) == []
+    codec = [PACKAGE / "serve" / "codec.py"]
+    assert _violations(codec, ("dogbreed.serve.runtime", "dogbreed.serve.handlers"), module_level=False) == []
 
 
 def test_the_checks_see_imports() -> None:

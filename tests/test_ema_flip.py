@@ -32,8 +32,8 @@ def test_test_time_flip_evaluates_the_mean_logits_of_the_image_and_its_mirror():
 @pytest.mark.parametrize("runtime", ["eager", "torchscript"])
 def test_a_flip_tested_model_answers_with_flip_averaged_probabilities_when_served(tmp_path: Path, runtime):
     from dogbreed.artifacts import write_model_dir
-    from dogbreed.serve.handlers import load_model
     from dogbreed.serve.package import build_package, extract_package
+    from dogbreed.serve.runtime import load_model
     from dogbreed.transforms import Preprocessing
 
     torch.manual_seed(0)

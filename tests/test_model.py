@@ -138,8 +138,8 @@ def test_backbone_kwargs_build_plain_values_and_torch_nn_classes_only():
 def test_a_model_built_with_backbone_kwargs_is_served_as_it_was_trained(tmp_path, runtime):
     """BatchNorm eps is in no state dict: a served model rebuilt without the recorded arguments answers otherwise."""
     from dogbreed.artifacts import read_model_dir, write_model_dir
-    from dogbreed.serve.handlers import load_model
     from dogbreed.serve.package import build_package, extract_package
+    from dogbreed.serve.runtime import load_model
     from dogbreed.transforms import Preprocessing
 
     spec = {"norm_layer": {"_target_": "torch.nn.BatchNorm2d", "_partial_": True, "eps": 0.1}}

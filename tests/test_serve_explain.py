@@ -16,9 +16,11 @@ from PIL import Image
 from torch import nn
 
 from dogbreed.models.backbone import create_backbone
+from dogbreed.serve.codec import InferenceError
 from dogbreed.serve.explain import find_target_layer, grad_cam, heatmap_png, input_jpeg
-from dogbreed.serve.handlers import InferenceError, input_fn, load_model, output_fn, predict_fn
+from dogbreed.serve.handlers import input_fn, output_fn, predict_fn
 from dogbreed.serve.package import build_package, extract_package
+from dogbreed.serve.runtime import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOTO = ROOT / "examples" / "images" / "Labrador_retriever_06457.jpg"

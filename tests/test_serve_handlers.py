@@ -12,17 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from dogbreed.serve.handlers import (
-    DogBreedModel,
-    InferenceError,
-    Limits,
-    decode_request,
-    input_fn,
-    model_fn,
-    output_fn,
-    predict_fn,
-    transform_fn,
-)
+from dogbreed.serve.codec import InferenceError, Limits, decode_request
+from dogbreed.serve.handlers import input_fn, model_fn, output_fn, predict_fn, transform_fn
+from dogbreed.serve.runtime import DogBreedModel
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "images"
 PHOTO = EXAMPLES / "Labrador_retriever_06457.jpg"

@@ -26,7 +26,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dogbreed.serve.handlers import BYTES_PER_PIXEL, InferenceError, model_fn
+from dogbreed.serve.codec import BYTES_PER_PIXEL, InferenceError
+from dogbreed.serve.handlers import model_fn
 from dogbreed.serve.server import PixelBudget
 from tests.test_serve_server import PHOTO, Endpoint, start_endpoint, stop_endpoint
 

@@ -22,7 +22,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dogbreed.serve.handlers import format_predictions, input_fn, model_fn, predict_fn
+from dogbreed.serve.codec import format_predictions
+from dogbreed.serve.handlers import input_fn, model_fn, predict_fn
 from dogbreed.serve.package import build_package, extract_package
 
 from .conftest import free_port, wait_until_up

@@ -19,8 +19,9 @@ import tempfile
 from pathlib import Path
 
 from dogbreed._io import available_cpus
-from dogbreed.serve.handlers import BYTES_PER_PIXEL, RUNTIMES, Limits, load_model
+from dogbreed.serve.codec import BYTES_PER_PIXEL, Limits
 from dogbreed.serve.package import extract_package, find_model_dir
+from dogbreed.serve.runtime import RUNTIMES, load_model
 from dogbreed.serve.server import ServerConfig, create_app
 
 log = logging.getLogger("dogbreed.serve")

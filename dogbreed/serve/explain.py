@@ -1,7 +1,7 @@
 """Grad-CAM: where a convolutional classifier looked for a class, computed on request (``explain=true``).
 
-Torch only, like the handlers that ship it in the model package: it runs the same eager network on the same
-preprocessed pixels as the prediction it explains. It needs gradients, so it runs outside
+Torch only, like the serving runtime that calls it and ships it in the model package: it runs the same eager
+network on the same preprocessed pixels as the prediction it explains. It needs gradients, so it runs outside
 ``torch.inference_mode`` (even when called inside it); the forward hooks it registers are removed before it
 returns, they ignore forward passes of other threads, and no parameter's ``.grad`` is touched
 (``torch.autograd.grad`` hands the gradients back instead of accumulating them).

@@ -7,7 +7,8 @@ Layout (what SageMaker's PyTorch serving container expects, at the archive root)
     model.ts | model.onnx        optional TorchScript / ONNX exports (--export)
     code/inference.py            re-exports the handlers of dogbreed.serve.handlers
     code/requirements.txt        nothing for eager/TorchScript; onnxruntime for the ONNX runtime
-    code/dogbreed/...            the modules the handlers import, copied byte for byte from this install
+    code/dogbreed/...            the handlers' import closure, computed from the code (:func:`served_modules`)
+                                 and copied byte for byte from this install; its packages' __init__.py are stubs
 
 Why ship the modules rather than list ``dogbreed`` in ``requirements.txt``: ``dogbreed`` is not on PyPI,
 installing it would pull Lightning and Hydra into the endpoint (slow start, large image) and needs network
@@ -19,13 +20,14 @@ torchvision's transforms v2) already has everything else.
 from __future__ import annotations
 
 import argparse
+import ast
 import io
 import logging
 import shutil
 import tarfile
 import tempfile
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -42,7 +44,7 @@ from dogbreed.artifacts import (
     non_finite_tensors,
     read_model_dir,
 )
-from dogbreed.serve.handlers import DEFAULT_TOP_K, EXPORT_FILES, PACKAGE_MANIFEST, RUNTIMES
+from dogbreed.serve.runtime import DEFAULT_TOP_K, EXPORT_FILES, PACKAGE_MANIFEST, RUNTIMES
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +52,7 @@ PACKAGE_FORMAT = "dogbreed-model-package/1"
 ONNX_OPSET = 17
 MAX_UNPACKED_BYTES = 4 * 2**30
 
-# Modules the handlers import, relative to the dogbreed package; copied into code/dogbreed/.
-SHIPPED_MODULES = ("transforms.py", "artifacts.py", "models/backbone.py", "serve/handlers.py", "serve/explain.py")
+SERVED_MODULE = "dogbreed.serve.handlers"  # what code/inference.py imports; code/ ships its import closure
 _PACKAGE_INIT = '"""The subset of dogbreed that serving needs, copied by ``python -m dogbreed.package``."""\n'
 INFERENCE_PY = '''"""SageMaker entry point of a dogbreed model package (written by ``python -m dogbreed.package``).
 
@@ -195,12 +196,13 @@ def write_code(code: Path, runtime: str) -> None:
     Shared by :func:`package` and the SageMaker launcher's ``deploy``, so both ship the same handlers.
     """
     source = Path(dogbreed.__file__).resolve().parent
-    for module in SHIPPED_MODULES:
-        target = code / "dogbreed" / module
+    for module in served_modules():
+        relative = _module_file(source, module).relative_to(source)
+        target = code / "dogbreed" / relative
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source / module, target)
-    for folder in ("", "models", "serve"):
-        (code / "dogbreed" / folder / "__init__.py").write_text(_PACKAGE_INIT)
+        shutil.copyfile(source / relative, target)
+        for folder in relative.parents:  # every package on the way gets a stub __init__.py
+            (code / "dogbreed" / folder / "__init__.py").write_text(_PACKAGE_INIT)
     (code / "inference.py").write_text(INFERENCE_PY)
     requirements = [
         "# The stock SageMaker PyTorch container (>= 2.1) provides torch, torchvision, pillow and numpy;",
@@ -209,6 +211,79 @@ def write_code(code: Path, runtime: str) -> None:
     if runtime == "onnx":
         requirements.append("onnxruntime>=1.16")
     (code / "requirements.txt").write_text("\n".join(requirements) + "\n")
+
+
+def served_modules(entry: str = SERVED_MODULE) -> list[str]:
+    """The dogbreed modules ``entry`` imports, directly or through others: what a package's ``code/`` must hold.
+
+    Read from the source (``ast``), not from a running import, so an import inside a function counts as well as
+    one at the top; only ``if TYPE_CHECKING:`` blocks are skipped. Packages ship as stub ``__init__.py`` files
+    (the real ones would pull in Lightning), so served code must import names from modules: an import of a
+    name from a package's ``__init__`` raises :class:`ValueError` naming the file and line.
+    """
+    source = Path(dogbreed.__file__).resolve().parent
+    found, todo = set(), [entry]
+    while todo:
+        module = todo.pop()
+        if module not in found:
+            found.add(module)
+            todo.extend(_dogbreed_imports(source, module))
+    return sorted(found)
+
+
+def _module_file(source: Path, module: str) -> Path:
+    """``dogbreed.a.b`` -> ``<source>/a/b.py`` (or ``a/b/__init__.py`` for a package)."""
+    parts = module.split(".")[1:]
+    for path in (source.joinpath(*parts).with_suffix(".py"), source.joinpath(*parts, "__init__.py")):
+        if parts and path.is_file():
+            return path
+    raise ValueError(f"{module} is not a module of {source}")
+
+
+def _is_module(source: Path, module: str) -> bool:
+    return module.startswith("dogbreed.") and source.joinpath(*module.split(".")[1:]).with_suffix(".py").is_file()
+
+
+def _dogbreed_imports(source: Path, module: str) -> list[str]:
+    """The dogbreed modules that ``module``'s source imports anywhere outside ``if TYPE_CHECKING:``."""
+    path = _module_file(source, module)
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    imported = []
+    for node in _import_nodes(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            wanted = [(alias.name, alias.name) for alias in node.names]  # (module to ship, what the code asks for)
+        else:
+            parts = package.split(".")
+            base = ".".join([*parts[: len(parts) - node.level + 1], node.module or ""]) if node.level else node.module
+            base = (base or "").rstrip(".")
+            wanted = []
+            for alias in node.names:
+                asked = f"{base}.{alias.name}"
+                wanted.append((asked if _is_module(source, asked) else base, asked))
+        for name, asked in wanted:
+            if name != "dogbreed" and not name.startswith("dogbreed."):
+                continue
+            if not _is_module(source, name):
+                raise ValueError(
+                    f"{path.relative_to(source.parent)}:{node.lineno}: served code imports {asked} from a package's "
+                    "__init__.py; a model package ships stub __init__.py files, so import it from the module that "
+                    "defines it."
+                )
+            imported.append(name)
+    return imported
+
+
+def _import_nodes(tree: ast.AST) -> Iterator[ast.Import | ast.ImportFrom]:
+    """Every import statement of ``tree``, at any depth, except in the body of ``if TYPE_CHECKING:``."""
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            yield node
+        elif isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            todo.extend(node.orelse)
+        else:
+            todo.extend(ast.iter_child_nodes(node))
 
 
 def extract_package(archive: str | Path, dest: str | Path) -> Path:

@@ -6,9 +6,10 @@ Routes: ``GET /ping`` (200 once the model is loaded), ``POST /invocations`` and
 and shows the top 5 and the Grad-CAM heat map (its files, ``static/``, ship in the package; it loads nothing
 from elsewhere, and its Content-Security-Policy allows only this server).
 
-Each request is decoded and preprocessed by the same handlers SageMaker runs, in a thread pool; a single
-inference thread runs one forward pass over everything queued meanwhile, up to ``max_batch_size`` images,
-waiting at most ``max_delay_ms`` and only while more requests are still being decoded. The event loop never
+Each request is decoded and preprocessed by the same code SageMaker runs (:mod:`dogbreed.serve.codec`,
+:mod:`dogbreed.serve.runtime`), in a thread pool; a single inference thread runs one forward pass over
+everything queued meanwhile, up to ``max_batch_size`` images, waiting at most ``max_delay_ms`` and only while
+more requests are still being decoded. The event loop never
 runs model code, so ``/ping`` answers under load. Grad-CAM (``explain``) runs on the same inference thread,
 between batches.
 
@@ -40,17 +41,17 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from dogbreed._io import available_cpus
-from dogbreed.serve.handlers import (
+from dogbreed.serve.codec import (
     BYTES_PER_PIXEL,
     CheckedRequest,
-    DogBreedModel,
     InferenceError,
     Limits,
     Prediction,
     accept_top_k,
     check_request,
-    output_fn,
 )
+from dogbreed.serve.handlers import output_fn
+from dogbreed.serve.runtime import DogBreedModel
 
 log = logging.getLogger(__name__)
 
