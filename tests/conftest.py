@@ -22,6 +22,8 @@ from dogbreed.config import compose_config as compose
 from dogbreed.data import DogBreedDataModule
 from dogbreed.data.cache import shard_name
 
+from .installed import IsolatedPython, build_wheel, copy_clone
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"  # large files kept outside the repository
 
 
@@ -268,3 +270,34 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         tmp_path_factory.mktemp("tiny") / "model", net, backbone="resnet18", class_names=breeds,
         preprocessing=Preprocessing(image_size=32, resize_size=36),
     )  # fmt: skip
+
+
+# --- what users install, where the checkout cannot be imported (tests/installed.py) ---------------------
+
+
+@pytest.fixture(scope="session")
+def clone_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The files a clone of this checkout holds, copied outside it: what ``pip install .`` and the image build see."""
+    return copy_clone(tmp_path_factory.mktemp("clone") / "dogbreed")
+
+
+@pytest.fixture(scope="session")
+def wheel(clone_copy: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """dogbreed's wheel, built once per test session."""
+    return build_wheel(clone_copy, tmp_path_factory.mktemp("wheels"))
+
+
+@pytest.fixture(scope="session")
+def installed_python(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> IsolatedPython:
+    """``pip install dogbreed-*.whl`` in an environment where the checkout cannot be imported."""
+    isolated = IsolatedPython.create(tmp_path_factory.mktemp("installed") / "venv")
+    isolated.pip_install(str(wheel))
+    return isolated
+
+
+@pytest.fixture(scope="session")
+def bare_python(tmp_path_factory: pytest.TempPathFactory) -> IsolatedPython:
+    """SageMaker's stock PyTorch containers: torch, the toolkits, TorchServe; no dogbreed at all."""
+    isolated = IsolatedPython.create(tmp_path_factory.mktemp("bare") / "venv")
+    isolated.expose("torchserve", "train")
+    return isolated

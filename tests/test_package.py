@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -14,7 +12,9 @@ import pytest
 import torch
 
 from dogbreed.serve.handlers import input_fn, model_fn, output_fn, predict_fn
-from dogbreed.serve.package import UnsafeArchiveError, build_package, extract_package, main
+from dogbreed.serve.package import UnsafeArchiveError, build_package, extract_package, main, served_modules
+
+from .installed import IsolatedPython
 
 PHOTO = Path(__file__).resolve().parents[1] / "examples" / "images" / "Labrador_retriever_06457.jpg"
 
@@ -82,14 +82,16 @@ print(body.decode())
 """
 
 
-def test_archive_inference_py_runs_from_a_clean_directory(package: Path, tmp_path: Path) -> None:
+def test_archive_inference_py_runs_from_a_clean_directory(
+    package: Path, bare_python: IsolatedPython, tmp_path: Path
+) -> None:
+    """On a Python without dogbreed (tests/installed.py), as the stock container: only the package's code/."""
     root = extract_package(package, tmp_path / "opt" / "ml" / "model")
     clean = tmp_path / "elsewhere"
     clean.mkdir()
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [sys.executable, "-c", CLEAN_CONTAINER, str(root), str(PHOTO)],
-        cwd=clean, env=env, capture_output=True, text=True, timeout=120,
+        [str(bare_python.python), "-c", CLEAN_CONTAINER, str(root), str(PHOTO)],
+        cwd=clean, env=bare_python.env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == answer(root)
@@ -210,3 +212,50 @@ def test_links_inside_the_archive_are_fine(tmp_path: Path) -> None:
     archive = crafted(tmp_path, link("code/weights.pt", "../model.pt"))
     root = extract_package(archive, tmp_path / "dest")
     assert (root / "code" / "weights.pt").read_bytes() == b"x"
+
+
+def test_the_package_ships_the_handlers_import_closure(package: Path) -> None:
+    """What code/ holds is computed: the handlers, what they import and what that imports, and nothing else."""
+    closure = served_modules()
+    served = ("serve.handlers", "serve.runtime", "serve.codec", "artifacts", "_io", "rundir", "models.backbone")
+    assert {f"dogbreed.{m}" for m in (*served, "transforms")} <= set(closure)
+    assert not {"dogbreed.models.classifier", "dogbreed.train", "dogbreed.serve.server"} & set(closure)
+    with tarfile.open(package) as tar:
+        shipped = {n for n in tar.getnames() if n.startswith("code/dogbreed/") and not n.endswith("__init__.py")}
+    assert shipped == {"code/" + m.replace(".", "/") + ".py" for m in closure}
+
+
+def write_modules(root: Path, modules: dict[str, str]) -> Path:
+    for name, text in modules.items():
+        path = root.joinpath(*name.split(".")).with_suffix(".py")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return root / "dogbreed"
+
+
+def test_the_closure_follows_every_import_form(tmp_path: Path) -> None:
+    """Relative, nested and function-level imports count; ``if TYPE_CHECKING:`` and third-party ones do not."""
+    source = write_modules(tmp_path, {
+        "dogbreed.__init__": "", "dogbreed.serve.__init__": "", "dogbreed.models.__init__": "",
+        "dogbreed.serve.handlers": "import torch\nfrom . import codec\nfrom .runtime import load\n",
+        "dogbreed.serve.codec": "def f():\n    from dogbreed._io import x\n",
+        "dogbreed.serve.runtime": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import dogbreed.train\n"
+                                  "else:\n    import dogbreed.models.backbone\n",
+        "dogbreed._io": "", "dogbreed.models.backbone": "from ..transforms import T\n", "dogbreed.transforms": "",
+        "dogbreed.train": "",
+    })  # fmt: skip
+    assert served_modules(source=source) == [
+        "dogbreed._io", "dogbreed.models.backbone", "dogbreed.serve.codec", "dogbreed.serve.handlers",
+        "dogbreed.serve.runtime", "dogbreed.transforms",
+    ]  # fmt: skip
+
+
+def test_an_import_from_a_package_init_is_refused(tmp_path: Path) -> None:
+    """A package ships stub ``__init__.py`` files, so a name taken from a package's ``__init__`` would fail to load."""
+    source = write_modules(tmp_path, {
+        "dogbreed.__init__": "", "dogbreed.serve.__init__": "", "dogbreed.models.__init__": "",
+        "dogbreed.models.backbone": "", "dogbreed.serve.handlers": "\nfrom dogbreed.models import create_backbone\n",
+    })  # fmt: skip
+    with pytest.raises(ValueError, match=r"dogbreed/serve/handlers.py:2: served code imports "
+                       r"dogbreed.models.create_backbone from a package's __init__.py"):  # fmt: skip
+        served_modules(source=source)

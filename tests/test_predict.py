@@ -18,7 +18,8 @@ from dogbreed.serve import handlers
 from dogbreed.serve.package import build_package
 
 from .conftest import write_image_folder
-from .test_install import env_with, hidden_except
+from .installed import hidden_except
+from .test_install import env_with
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "images"

@@ -24,6 +24,7 @@ from dogbreed.sagemaker.hyperparameters import (
 )
 
 from .conftest import compose_config
+from .installed import IsolatedPython
 
 SAGEMAKER_METRICS = list(compose_config(["+sagemaker=default"]).sagemaker.metrics)
 
@@ -114,8 +115,9 @@ def test_no_progress_bar_in_a_job(overrides: list[str]) -> None:
 
 
 @pytest.mark.slow
-def test_entry_point_trains_in_a_simulated_sagemaker_container(tmp_path: Path) -> None:
-    """SageMaker's layout and env, the launcher's source dir, two demo epochs; then the metric regexes."""
+def test_entry_point_trains_in_a_simulated_sagemaker_container(tmp_path: Path, bare_python: IsolatedPython) -> None:
+    """SageMaker's layout and env, the launcher's source dir on a Python without dogbreed, two demo epochs; then the
+    metric regexes."""
     from dogbreed.sagemaker.launcher import source_dir
 
     opt_ml = tmp_path / "opt" / "ml"
@@ -133,16 +135,15 @@ def test_entry_point_trains_in_a_simulated_sagemaker_container(tmp_path: Path) -
     hps |= {"sagemaker_program": json.dumps(ENTRY_SCRIPT), "sagemaker_region": '"us-east-1"'}
     (opt_ml / "input" / "config" / "hyperparameters.json").write_text(json.dumps(hps))
     env = {
-        **os.environ,
+        **bare_python.env(),
         "SAGEMAKER_BASE_DIR": str(opt_ml), "SM_CHANNELS": '["training"]', "SM_CHANNEL_TRAINING": str(channel),
         "SM_MODEL_DIR": str(opt_ml / "model"), "SM_OUTPUT_DATA_DIR": str(opt_ml / "output" / "data"),
         "SM_NUM_GPUS": "0", "SM_CURRENT_HOST": "algo-1", "SM_HOSTS": '["algo-1"]', "OMP_NUM_THREADS": "2",
-        "PYTHONPATH": "",
     }  # fmt: skip
     assert "data.source=" + str(channel) in container_overrides(env)
     with source_dir() as code:
         proc = subprocess.run(
-            [sys.executable, ENTRY_SCRIPT], cwd=code, env=env, capture_output=True, text=True, timeout=300
+            [str(bare_python.python), ENTRY_SCRIPT], cwd=code, env=env, capture_output=True, text=True, timeout=300
         )
         assert (code / "dogbreed" / "conf" / "train.yaml").is_file() and not (code / "dogbreed" / "demo_data").exists()
     log = proc.stdout + proc.stderr

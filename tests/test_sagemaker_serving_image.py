@@ -1,6 +1,7 @@
 """The serving image's command, run as SageMaker runs the container, on a packaged model and a real photo.
 
-No container engine runs on the test machines, so the test runs the Dockerfile's exact ENTRYPOINT plus
+No container engine runs on the test machines, so the test installs dogbreed as the Dockerfile does (not
+editable, in an environment where the checkout cannot be imported) and runs its exact ENTRYPOINT plus
 SageMaker's ``serve`` argument outside a container: the model unpacked where ``SM_MODEL_DIR`` says, the port
 from ``SAGEMAKER_BIND_TO_PORT``, and ``DOGBREED_SERVE_HOST`` keeping it on 127.0.0.1 (the image binds 0.0.0.0).
 """
@@ -8,17 +9,15 @@ from ``SAGEMAKER_BIND_TO_PORT``, and ``DOGBREED_SERVE_HOST`` keeping it on 127.0
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from .conftest import ask_about_photo, free_port, wait_until_up
+from .installed import IsolatedPython
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "container" / "Dockerfile"
@@ -49,19 +48,23 @@ def test_no_other_installed_package_claims_the_entry_command() -> None:
     assert [script.dist.name for script in claims] == ["dogbreed"]
 
 
-def test_entry_command_serves_a_packaged_model(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_entry_command_serves_a_packaged_model(
+    clone_copy: Path, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
+) -> None:
+    """The image's install (``pip install ".[serve]"`` of the sources, not editable) runs its ENTRYPOINT."""
     from dogbreed.serve.package import build_package, extract_package
 
+    image = IsolatedPython.create(tmp_path_factory.mktemp("image") / "venv")
+    image.pip_install(f"{clone_copy}[serve]", cwd=tmp_path)
     command = entry_command()
-    executable = shutil.which(command[0], path=str(Path(sys.executable).parent))
-    assert executable, f"{command[0]} is not installed next to {sys.executable} (pip install -e '.[serve]')"
+    executable = image.bin / command[0]
+    assert executable.is_file(), f"pip install '.[serve]' installed no {command[0]}"
     model_dir = extract_package(build_package(tiny_model_dir, tmp_path / "model.tar.gz"), tmp_path / "opt/ml/model")
     port = free_port()
-    env = {**os.environ, "SM_MODEL_DIR": str(model_dir), "SAGEMAKER_BIND_TO_PORT": str(port)}
-    env["DOGBREED_SERVE_HOST"] = "127.0.0.1"
+    env = image.env(SM_MODEL_DIR=str(model_dir), SAGEMAKER_BIND_TO_PORT=str(port), DOGBREED_SERVE_HOST="127.0.0.1")
     log_path = tmp_path / "serve.log"
     with log_path.open("w") as log:
-        server = subprocess.Popen([executable, *command[1:]], env=env, cwd=tmp_path, stdout=log, stderr=log)
+        server = subprocess.Popen([str(executable), *command[1:]], env=env, cwd=tmp_path, stdout=log, stderr=log)
         try:
             url = f"http://127.0.0.1:{port}"
             wait_until_up(f"{url}/ping", server, timeout=120, log=log_path)

@@ -1,11 +1,13 @@
 """A model package served by SageMaker's own PyTorch inference stack, as the stock PyTorch container runs it.
 
-Both tests run the unpacked ``model.tar.gz`` with its ``code/`` on ``PYTHONPATH``, so the package's own copy
-of ``dogbreed`` answers, not this checkout's. In-process: the PyTorch toolkit's ``HandlerService`` (the
+Both tests run the unpacked ``model.tar.gz`` on ``bare_python`` (tests/installed.py): torch, the toolkits and
+TorchServe, and no dogbreed but the copy in the package's ``code/``, as in the stock container, so a module
+the package lacks fails here. In a subprocess: the PyTorch toolkit's ``HandlerService`` (the
 ``sagemaker_inference`` ``Transformer`` with ``DefaultPytorchInferenceHandler``) called with a real
 ``ts.context.Context`` built by TorchServe's own request decoding, for every content type and every documented
-4xx. End to end (slow): ``sagemaker_pytorch_serving_container.serving.main()`` starting TorchServe on
-127.0.0.1, queried over HTTP with a real photo.
+4xx on the eager runtime, and the main requests on TorchScript and ONNX. End to end (slow):
+``sagemaker_pytorch_serving_container.serving.main()`` starting TorchServe on 127.0.0.1, queried over HTTP
+with a real photo.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -33,10 +34,12 @@ import pytest
 import torch
 from PIL import Image
 
-from dogbreed.serve.handlers import format_predictions, input_fn, model_fn, predict_fn
+from dogbreed.serve.codec import format_predictions
+from dogbreed.serve.handlers import input_fn, model_fn, predict_fn
 from dogbreed.serve.package import build_package, extract_package
 
 from .conftest import wait_until_up
+from .installed import IsolatedPython
 
 PHOTO = Path(__file__).resolve().parents[1] / "examples" / "images" / "Labrador_retriever_06457.jpg"
 TS_CONFIG_FILE = Path("/etc/sagemaker-ts.properties")  # where the toolkit writes TorchServe's config
@@ -51,7 +54,9 @@ def _one_thread(_few_threads: None) -> None:
 def base_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A ``SAGEMAKER_BASE_DIR`` (``/opt/ml`` on SageMaker) with the unpacked package at ``model/``."""
     tmp = tmp_path_factory.mktemp("sagemaker")
-    archive = build_package(tiny_model_dir.parent, tmp / "model.tar.gz")
+    archive = build_package(
+        tiny_model_dir.parent, tmp / "model.tar.gz", exports=["torchscript", "onnx"], runtime="eager"
+    )
     extract_package(archive, tmp / "ml" / "model")
     return tmp / "ml"
 
@@ -132,6 +137,7 @@ def cases(base_dir: Path) -> dict[str, Case]:
     }
 
 
+RUNTIME_CASES = ["image/jpeg", "json", "json-batch", "npy-float32", "json-explain", "not-an-image", "bad-json"]
 CASE_NAMES = [
     "image/jpeg", "image/png", "application/x-image", "application/octet-stream", "json", "json-charset",
     "json-batch", "json-explain", "npy-uint8", "npy-float32", "accept-any", "no-accept", "accept-top-k",
@@ -150,11 +156,13 @@ from ts.context import Context
 from ts.service import Service
 
 model_dir, cases_dir = sys.argv[1], Path(sys.argv[2])
-service = HandlerService()  # Transformer(default_inference_handler=DefaultPytorchInferenceHandler())
-context = Context("model", model_dir, None, 1, None, "0.12.0")
-service.initialize(context)
-results = {}
+results, runtime = {}, None
 for i, case in enumerate(json.loads((cases_dir / "cases.json").read_text())):
+    if case["runtime"] != runtime:  # a new model: the endpoint's DOGBREED_RUNTIME overrides the package's
+        runtime = os.environ["DOGBREED_RUNTIME"] = case["runtime"]
+        service = HandlerService()  # Transformer(default_inference_handler=DefaultPytorchInferenceHandler())
+        context = Context("model", model_dir, None, 1, None, "0.12.0")
+        service.initialize(context)
     headers = {"Content-Type": case["content_type"]}
     if case["accept"] is not None:
         headers["Accept"] = case["accept"]
@@ -174,7 +182,7 @@ for i, case in enumerate(json.loads((cases_dir / "cases.json").read_text())):
         os.environ.clear()
         os.environ.update(saved)
     status, phrase = context.get_response_status(0)
-    results[case["name"]] = {
+    results[f"{runtime}:{case['name']}"] = {
         "status": status, "phrase": phrase, "content_type": context.get_response_content_type(0),
         "body": body.decode() if isinstance(body, bytes) else body,
     }
@@ -183,27 +191,32 @@ print(json.dumps({"dogbreed": dogbreed.__file__, "results": results}))
 """
 
 
-def child_env(**extra: str) -> dict[str, str]:
-    """This environment without PYTHONPATH or dogbreed limits, one torch thread, plus ``extra``."""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH" and not k.startswith("DOGBREED_")}
-    return env | {"OMP_NUM_THREADS": "1"} | extra
-
-
 @pytest.fixture(scope="module")
-def toolkit_run(base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Every case through the toolkit in one subprocess (one model load); its answers by case name."""
+def toolkit_run(base_dir: Path, bare_python: IsolatedPython, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Every case through the toolkit in one subprocess (one model load per runtime); answers by runtime:name."""
     folder = tmp_path_factory.mktemp("cases")
     table = cases(base_dir)
+    runs = [("eager", name) for name in CASE_NAMES]
+    runs += [(runtime, name) for runtime in ("torchscript", "onnx") for name in RUNTIME_CASES]
     manifest = []
-    for i, name in enumerate(CASE_NAMES):
+    for i, (runtime, name) in enumerate(runs):
         case = table[name]
         (folder / f"{i}.bin").write_bytes(case.body)
-        manifest.append({"name": name, "content_type": case.content_type, "accept": case.accept, "env": case.env})
+        manifest.append(
+            {
+                "runtime": runtime,
+                "name": name,
+                "content_type": case.content_type,
+                "accept": case.accept,
+                "env": case.env,
+            }
+        )
     (folder / "cases.json").write_text(json.dumps(manifest))
     model_dir = base_dir / "model"
     result = subprocess.run(
-        [sys.executable, "-c", TOOLKIT_DRIVER, str(model_dir), str(folder)],
-        cwd=folder, env=child_env(PYTHONPATH=str(model_dir / "code")), capture_output=True, text=True, timeout=300,
+        [str(bare_python.python), "-c", TOOLKIT_DRIVER, str(model_dir), str(folder)], cwd=folder,
+        env=bare_python.env(PYTHONPATH=str(model_dir / "code"), OMP_NUM_THREADS="1"), capture_output=True, text=True,
+        timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-5000:]
     run = json.loads(result.stdout.splitlines()[-1])
@@ -233,13 +246,23 @@ def check_answer(name: str, case: Case, status: int, content_type: str | None, b
 
 @pytest.mark.parametrize("name", CASE_NAMES)
 def test_toolkit_answers_every_content_type_and_refusal(name: str, toolkit_run: dict, expected: list) -> None:
-    case, got = toolkit_run["_cases"][name], toolkit_run[name]
+    case, got = toolkit_run["_cases"][name], toolkit_run[f"eager:{name}"]
     check_answer(name, case, got["status"], got["content_type"], got["body"], expected)
     if case.status != 200:
         assert got["phrase"] == HTTPStatus(case.status).phrase
     if name == "json-explain":  # Grad-CAM from the package's own copy of dogbreed/serve/explain.py
         explanation = json.loads(got["body"])["explanation"]
         assert explanation["layer"] == "layer4" and explanation["index"] == expected[0]["index"]
+
+
+@pytest.mark.parametrize("runtime", ["torchscript", "onnx"])
+@pytest.mark.parametrize("name", RUNTIME_CASES)
+def test_toolkit_answers_on_each_exported_runtime(name: str, runtime: str, toolkit_run: dict, expected: list) -> None:
+    """The same answers from the package's TorchScript and ONNX exports; only eager explains (it has gradients)."""
+    case, got = toolkit_run["_cases"][name], toolkit_run[f"{runtime}:{name}"]
+    if name == "json-explain":
+        case = Case(case.content_type, case.body, status=400, error="explain_needs_eager")
+    check_answer(f"{runtime}:{name}", case, got["status"], got["content_type"], got["body"], expected)
 
 
 def free_ports(n: int) -> list[int]:
@@ -275,7 +298,9 @@ def restored(path: Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def sagemaker_serving(base_dir: Path, workdir: Path, log: Path) -> Iterator[tuple[str, subprocess.Popen]]:
+def sagemaker_serving(
+    base_dir: Path, python: IsolatedPython, workdir: Path, log: Path
+) -> Iterator[tuple[str, subprocess.Popen]]:
     """Run ``serving.main()`` as the container does, on 127.0.0.1 only; yield its URL once ``/ping`` is 200.
 
     The toolkit writes ``inference_address=http://0.0.0.0:PORT`` into its TorchServe config, but that config
@@ -286,8 +311,8 @@ def sagemaker_serving(base_dir: Path, workdir: Path, log: Path) -> Iterator[tupl
     port, management, metrics, grpc, grpc_management = free_ports(5)
     tmp = workdir / "tmp"  # TorchServe's pid file and worker sockets: apart from any other TorchServe
     tmp.mkdir(parents=True)
-    env = child_env(
-        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",  # the torchserve command
+    env = python.env(  # its bin/ first on PATH: the toolkit starts `torchserve`, which starts workers on its Python
+        OMP_NUM_THREADS="1",
         SAGEMAKER_BASE_DIR=str(base_dir),
         SAGEMAKER_BIND_TO_PORT=str(port),
         SAGEMAKER_MODEL_SERVER_WORKERS="1",
@@ -300,7 +325,7 @@ def sagemaker_serving(base_dir: Path, workdir: Path, log: Path) -> Iterator[tupl
         TEMP=str(tmp),
         DOGBREED_MAX_IMAGES="2",
     )
-    command = [sys.executable, "-c", "from sagemaker_pytorch_serving_container import serving; serving.main()"]
+    command = [str(python.python), "-c", "from sagemaker_pytorch_serving_container import serving; serving.main()"]
     url = f"http://127.0.0.1:{port}"
     with restored(TS_CONFIG_FILE), open(log, "wb") as out:
         server = subprocess.Popen(
@@ -326,7 +351,9 @@ def sagemaker_serving(base_dir: Path, workdir: Path, log: Path) -> Iterator[tupl
 
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("java") is None, reason="TorchServe's frontend needs Java 11+ on PATH; none found")
-def test_torchserve_serves_the_package(base_dir: Path, expected: list, tmp_path: Path) -> None:
+def test_torchserve_serves_the_package(
+    base_dir: Path, bare_python: IsolatedPython, expected: list, tmp_path: Path
+) -> None:
     photo = PHOTO.read_bytes()
     three = json.dumps({"images": [base64.b64encode(photo).decode()] * 3}).encode()  # the server allows 2
     requests = {
@@ -338,7 +365,7 @@ def test_torchserve_serves_the_package(base_dir: Path, expected: list, tmp_path:
         "unsupported-content-type": Case("text/csv", b"a,b\n", status=415, error="unsupported_content_type"),
         "too-many-images": Case("application/json", three, status=413, error="too_many_images"),
     }
-    with sagemaker_serving(base_dir, tmp_path, tmp_path / "torchserve.log") as (url, server):
+    with sagemaker_serving(base_dir, bare_python, tmp_path, tmp_path / "torchserve.log") as (url, server):
         group = {p.pid for p in process_group(server.pid)}  # TorchServe's launcher exits; its Java stays in the group
         listening = [
             c.laddr for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.pid in group

@@ -5,21 +5,21 @@ pointing at ``sagemaker-pytorch-training``, in the ``/opt/ml`` layout under ``SA
 ``input/config/*.json`` as SageMaker writes them, the ``training`` channel, and ``sourcedir.tar.gz`` packed
 as the SDK packs it. ``sagemaker_submit_directory`` may be a local tarball, so no S3 is involved. The
 toolkit pip-installs the source dir's ``requirements.txt``; ``PIP_NO_INDEX`` makes a requirement the
-environment lacks fail the job instead of being downloaded into it.
+environment lacks fail the job instead of being downloaded into it. The toolkit runs on ``bare_python``
+(tests/installed.py), which has no dogbreed: a module the source dir lacks fails the job, as in the image.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import os
 import re
 import shutil
 import subprocess
-import sys
 import tarfile
 from importlib.resources import files
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -28,9 +28,9 @@ from dogbreed.sagemaker.hyperparameters import metric_regex, overrides_to_hyperp
 from dogbreed.sagemaker.launcher import source_dir
 
 from .conftest import compose_config
+from .installed import IsolatedPython
 
 SAGEMAKER_METRICS = list(compose_config(["+sagemaker=default"]).sagemaker.metrics)
-TOOLKIT = Path(sys.executable).with_name("train")  # sagemaker-training's console script
 EPOCHS = 2
 SMALL = [
     "experiment=demo", f"trainer.max_epochs={EPOCHS}", "+trainer.limit_train_batches=4",
@@ -39,19 +39,30 @@ SMALL = [
 ]  # fmt: skip
 
 
-def run_job(tmp_path: Path, overrides: list[str], *, checkpoints: bool = False) -> tuple[Path, str, int]:
-    """Lay out ``<tmp>/opt/ml`` as SageMaker does, run the toolkit's ``train``; return base dir, log, exit code."""
+def run_job(
+    tmp_path: Path, python: IsolatedPython, overrides: list[str] = (), *, checkpoints: bool = False,
+    sourcedir: Path | None = None, hyperparameters: dict[str, Any] | None = None,
+) -> tuple[Path, str, int]:  # fmt: skip
+    """Lay out ``<tmp>/opt/ml`` as SageMaker does, run the toolkit's ``train`` on ``python``; return base dir, log,
+    exit code.
+
+    The job runs ``sourcedir`` (default: the launcher's source dir from this checkout) with ``hyperparameters``
+    (default: ``overrides``'); ``python`` has no dogbreed, as the PyTorch training image has none.
+    """
     base = tmp_path / "opt" / "ml"
     config = base / "input" / "config"
     config.mkdir(parents=True)
     shutil.copytree(Path(str(files("dogbreed") / "demo_data")), base / "input" / "data" / DATA_CHANNEL)
     if checkpoints:  # checkpoint_s3_uri set: SageMaker creates the dir and syncs it
         (base / "checkpoints").mkdir()
-    sourcedir = tmp_path / "sourcedir.tar.gz"
-    with source_dir() as code, tarfile.open(sourcedir, "w:gz") as tar:
-        for path in sorted(code.iterdir()):  # the SDK's tar_and_upload_dir: the dir's entries at the top
-            tar.add(path, arcname=path.name)
-    hyperparameters = {k: json.dumps(v) for k, v in overrides_to_hyperparameters(overrides).items()}
+    if sourcedir is None:
+        sourcedir = tmp_path / "sourcedir.tar.gz"
+        with source_dir() as code, tarfile.open(sourcedir, "w:gz") as tar:
+            for path in sorted(code.iterdir()):  # the SDK's tar_and_upload_dir: the dir's entries at the top
+                tar.add(path, arcname=path.name)
+    if hyperparameters is None:
+        hyperparameters = overrides_to_hyperparameters(list(overrides))
+    hyperparameters = {k: json.dumps(v) for k, v in hyperparameters.items()}
     hyperparameters |= {
         k: json.dumps(v)
         for k, v in {
@@ -71,12 +82,12 @@ def run_job(tmp_path: Path, overrides: list[str], *, checkpoints: bool = False) 
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     # no PYTHONUNBUFFERED (a custom image need not set it): the entry must keep its own lines whole
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONUNBUFFERED", "PYTHONPATH")}
+    env = {k: v for k, v in python.env().items() if k != "PYTHONUNBUFFERED"}
     env |= {
         "SAGEMAKER_BASE_DIR": str(base), "SAGEMAKER_TRAINING_MODULE": "sagemaker_pytorch_container.training:main",
         "TMPDIR": str(scratch), "PIP_NO_INDEX": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1", "OMP_NUM_THREADS": "2",
     }  # fmt: skip
-    proc = subprocess.run([str(TOOLKIT)], env=env, cwd=tmp_path, capture_output=True, timeout=600)
+    proc = subprocess.run([str(python.bin / "train")], env=env, cwd=tmp_path, capture_output=True, timeout=600)
     # bytes, not text=True: universal newlines would turn a progress bar's \r into line breaks
     return base, (proc.stdout + proc.stderr).decode("utf-8", "replace"), proc.returncode
 
@@ -94,8 +105,8 @@ def per_epoch_values(metrics_csv: Path) -> dict[str, list[float | int]]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("checkpoints", [False, True], ids=["no-checkpoint-dir", "checkpoint-dir"])
-def test_training_toolkit_runs_the_job(tmp_path: Path, checkpoints: bool) -> None:
-    base, log, code = run_job(tmp_path, SMALL, checkpoints=checkpoints)
+def test_training_toolkit_runs_the_job(tmp_path: Path, bare_python: IsolatedPython, checkpoints: bool) -> None:
+    base, log, code = run_job(tmp_path, bare_python, SMALL, checkpoints=checkpoints)
     assert code == 0, log[-5000:]
     assert (base / "output" / "success").is_file() and not (base / "output" / "failure").exists()
     assert f"from {base / 'code' / 'dogbreed'}" in log  # the shipped copy ran, not the checkout
@@ -132,9 +143,11 @@ def test_training_toolkit_runs_the_job(tmp_path: Path, checkpoints: bool) -> Non
         ("trainer.max_epochs=abc", "TypeError: '>' not supported"),  # the overrides that follow name it
     ],
 )
-def test_training_toolkit_reports_a_bad_override(tmp_path: Path, override: str, error: str) -> None:
+def test_training_toolkit_reports_a_bad_override(
+    tmp_path: Path, bare_python: IsolatedPython, override: str, error: str
+) -> None:
     """SageMaker shows ``output/failure`` as the job's FailureReason: the error and the overrides given."""
-    base, log, code = run_job(tmp_path, ["experiment=demo", override])
+    base, log, code = run_job(tmp_path, bare_python, ["experiment=demo", override])
     assert code != 0, log[-3000:]
     failure = (base / "output" / "failure").read_text()
     assert error in failure and f"Job overrides: experiment=demo {override}" in failure, failure

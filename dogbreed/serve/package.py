@@ -213,15 +213,16 @@ def write_code(code: Path, runtime: str) -> None:
     (code / "requirements.txt").write_text("\n".join(requirements) + "\n")
 
 
-def served_modules(entry: str = SERVED_MODULE) -> list[str]:
+def served_modules(entry: str = SERVED_MODULE, source: Path | None = None) -> list[str]:
     """The dogbreed modules ``entry`` imports, directly or through others: what a package's ``code/`` must hold.
 
     Read from the source (``ast``), not from a running import, so an import inside a function counts as well as
     one at the top; only ``if TYPE_CHECKING:`` blocks are skipped. Packages ship as stub ``__init__.py`` files
     (the real ones would pull in Lightning), so served code must import names from modules: an import of a
-    name from a package's ``__init__`` raises :class:`ValueError` naming the file and line.
+    name from a package's ``__init__`` raises :class:`ValueError` naming the file and line. ``source`` is the
+    ``dogbreed`` folder to read (this install's by default).
     """
-    source = Path(dogbreed.__file__).resolve().parent
+    source = source or Path(dogbreed.__file__).resolve().parent
     found, todo = set(), [entry]
     while todo:
         module = todo.pop()
