@@ -12,7 +12,8 @@ without importing each other (the report rebuilds from a run dir in a process wi
       profiler-output/  system.jsonl, steps.jsonl, meta.json, rule-results.json, trace.json, top_ops.txt/.json
                         (:func:`load_profile`; the profiler callback writes them)
       report/         profiler-report.html, rules.json (training) or tuning-report.html (tuning)
-    <tune dir>/ trials.csv, study.json, best_overrides.txt, plots/<name>.png, trial-<n>/ (one run dir each)
+      mlflow-run.json   the MLflow run this run dir logs to (logger=mlflow; :mod:`dogbreed.tracking`)
+    <tune dir>/ trials.csv, study.json, best_overrides.txt, plots/<name>.png, trials/<NNN>/ (one run dir each)
 
 Steps count on across a resume from a checkpoint: the resumed run drops what the interrupted one wrote past
 its checkpoint (:func:`keep_records`) and goes on from there.
@@ -86,12 +87,20 @@ REPORT_DIR = "report"
 REPORT_HTML = "profiler-report.html"
 REPORT_RULES = "rules.json"
 TUNING_HTML = "tuning-report.html"
+# experiment tracking: the MLflow run of this run dir ({"run_id", "tracking_uri"}), for resume=RUN_DIR
+MLFLOW_RUN = "mlflow-run.json"
 # tuning run
+TRIALS_DIR = "trials"  # trials/<NNN>/, one training run dir per trial (trial_dir)
 TRIALS_CSV = "trials.csv"
 TRIAL_COLUMNS = ("trial", "state", "objective", "epochs", "duration_s")  # then one column per tuned parameter
 STUDY_JSON = "study.json"
 BEST_OVERRIDES = "best_overrides.txt"
 PLOT_DIR = "plots"
+
+
+def trial_dir(tune_dir: str | Path, number: int) -> Path:
+    """The run dir of trial ``number`` of the study in ``tune_dir``."""
+    return Path(tune_dir) / TRIALS_DIR / f"{number:03d}"
 
 
 def keep_records(path: Path, keep: Callable[[dict[str, Any]], bool]) -> None:

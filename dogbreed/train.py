@@ -28,6 +28,7 @@ from dogbreed.models import DogBreedClassifier, WeightsError
 from dogbreed.models.backbone import BackboneError, build_backbone_kwargs
 from dogbreed.report import report_run
 from dogbreed.rundir import METRICS
+from dogbreed.tracking import MLflowRunLogger
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +163,9 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[Callback] = ()) -> dict[str
 
     if cfg.get("report", False) and trainer.is_global_zero:
         report_run(cfg.paths.output_dir)
+    if trainer.is_global_zero:
+        for tracker in (logger for logger in loggers if isinstance(logger, MLflowRunLogger)):
+            tracker.log_run_dir(cfg.paths.output_dir, cfg.paths.model_dir, data_digest=datamodule.index.digest())
 
     objective_key = cfg.get("optimized_metric")
     if objective_key:

@@ -13,6 +13,7 @@ and ``report/tuning-report.html``.
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import logging
 import shutil
@@ -29,6 +30,7 @@ from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from dogbreed import rundir, tracking
 from dogbreed.config import CONFIG_DIR, TuneConfigError, search_space
 from dogbreed.data import DataError
 from dogbreed.models import WeightsError
@@ -131,10 +133,16 @@ def make_storage(url: str, *, heartbeat_interval: int | None, grace_period: int 
         )
 
 
-def trial_config(cfg: DictConfig, values: Mapping[str, Any], trial_dir: Path) -> DictConfig:
-    """The training config of one trial: the sampled values applied, writing under ``trial_dir``."""
+def trial_config(
+    cfg: DictConfig, values: Mapping[str, Any], trial_dir: Path, *, mlflow_parent: str | None = None
+) -> DictConfig:
+    """The training config of one trial: the sampled values applied, writing under ``trial_dir``; with MLflow
+    tracking on, its run nested under the study's run ``mlflow_parent``."""
     trial_cfg = cfg.copy()
     with open_dict(trial_cfg):
+        if mlflow_parent:
+            trial_cfg.logger.mlflow.parent_run_id = mlflow_parent
+            trial_cfg.logger.mlflow.run_name = f"{cfg.tune.study_name} trial {trial_dir.name}"
         for key, value in values.items():
             OmegaConf.update(trial_cfg, key, value, merge=False)
         trial_cfg.paths.output_dir = str(trial_dir)
@@ -149,18 +157,19 @@ def trial_config(cfg: DictConfig, values: Mapping[str, Any], trial_dir: Path) ->
 
 
 def make_objective(
-    cfg: DictConfig, out_dir: Path, run: Callable[..., dict[str, Any]] = train
+    cfg: DictConfig, out_dir: Path, run: Callable[..., dict[str, Any]] = train, *, mlflow_parent: str | None = None
 ) -> Callable[[optuna.Trial], float]:
     """The function Optuna calls per trial: sample, train with the pruning callback, return the objective."""
     params = search_space(cfg)
 
     def objective(trial: optuna.Trial) -> float:
         values = suggest(trial, params)
-        trial_dir = out_dir / "trials" / f"{trial.number:03d}"
+        trial_dir = rundir.trial_dir(out_dir, trial.number)
         log.info("Trial %d: %s", trial.number, " ".join(f"{k}={v}" for k, v in values.items()))
         try:
             pruning = OptunaPruning(trial, cfg.optimized_metric)
-            metrics = run(trial_config(cfg, values, trial_dir), extra_callbacks=[pruning])
+            trial_cfg = trial_config(cfg, values, trial_dir, mlflow_parent=mlflow_parent)
+            metrics = run(trial_cfg, extra_callbacks=[pruning])
         finally:
             if not cfg.tune.keep_checkpoints:
                 shutil.rmtree(trial_dir / "checkpoints", ignore_errors=True)
@@ -215,12 +224,25 @@ def tune(cfg: DictConfig, run: Callable[..., dict[str, Any]] = train) -> optuna.
     remaining = cfg.tune.n_trials - len(finished_trials(study))
     if remaining > 0:
         states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+        callbacks: list[Callable[[optuna.Study, optuna.trial.FrozenTrial], None]] = [
+            optuna.study.MaxTrialsCallback(cfg.tune.n_trials, states=states)
+        ]
+        mlflow_parent = None
+        if mlflow_cfg := cfg.get("logger", {}).get("mlflow"):  # logger=mlflow: a parent run, a child per trial
+            settings = {key: OmegaConf.to_container(cfg[key], resolve=True) for key in ("tune", "hparams_search")}
+            mlflow_parent = tracking.study_parent_run(
+                study, experiment_name=mlflow_cfg.experiment_name, tracking_uri=mlflow_cfg.tracking_uri,
+                params={**settings, "optimized_metric": cfg.optimized_metric},
+            )  # fmt: skip
+            callbacks.append(
+                functools.partial(tracking.record_trial, tracking_uri=mlflow_cfg.tracking_uri, tune_dir=out_dir)
+            )
         study.optimize(
-            make_objective(cfg, out_dir, run),
+            make_objective(cfg, out_dir, run, mlflow_parent=mlflow_parent),
             n_trials=remaining,
             timeout=cfg.tune.timeout,
             n_jobs=cfg.tune.n_jobs,
-            callbacks=[optuna.study.MaxTrialsCallback(cfg.tune.n_trials, states=states)],
+            callbacks=callbacks,
             gc_after_trial=True,
         )
     write_results(study, out_dir, base_overrides=user_overrides(), metric=cfg.optimized_metric)

@@ -236,6 +236,28 @@ def moto_server() -> Iterator[str]:
     proc.wait(timeout=10)
 
 
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real MLflow tracking server on 127.0.0.1 (SQLite backend store, local artefact store); yields its URL."""
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    log = root / "server.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port),
+             "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+             "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
+            cwd=root, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_up(f"{url}/health", proc, timeout=120, log=log, interval=0.5)
+        yield url
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=30)
+
+
 @pytest.fixture
 def aws_env(moto_server: str, monkeypatch: pytest.MonkeyPatch) -> str:
     """Dummy credentials and ``AWS_ENDPOINT_URL`` pointing boto3 at the moto server."""

@@ -33,6 +33,7 @@ EXTRA_PACKAGES = {
     "smdebug": {"smdebug": "smdebug"},
     "gpu": {"pynvml": "nvidia-ml-py"},
     "tensorboard": {"tensorboard": "tensorboard"},
+    "mlflow": {"mlflow": "mlflow,mlflow-skinny,mlflow-tracing", "sagemaker_mlflow": "sagemaker-mlflow"},
 }
 # the dev extra's test tools and SageMaker's container toolkits: never needed by a user's command
 DEV_PACKAGES = {

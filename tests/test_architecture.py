@@ -21,7 +21,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "dogbreed"
 # the extras' own code; package.py is the ``python -m dogbreed.package`` entry point of serve/package.py, and
 # predict.py runs the serving handlers over many files
 OUTSIDE_CORE = ("serve/", "sagemaker/", "tune.py", "package.py", "predict.py")
-OPTIONAL = ("dogbreed.serve", "dogbreed.sagemaker", "sagemaker", "optuna", "smdebug", "starlette", "uvicorn")
+OPTIONAL = (
+    "dogbreed.serve", "dogbreed.sagemaker", "sagemaker", "optuna", "smdebug", "starlette", "uvicorn", "mlflow",
+)  # fmt: skip
 TRAINING = ("lightning", "pytorch_lightning", "dogbreed.callbacks", "dogbreed.train")
 LIGHTNING_FREE = ("report/", "rules/", "rundir.py")
 # what the stock SageMaker PyTorch inference container has for a model package's code/ to import on loading;

@@ -62,12 +62,16 @@ def test_callback_options(option, tmp_path):
 
 
 @pytest.mark.parametrize("option", options("logger"))
-def test_logger_options(option, tmp_path):
-    """Every logger option builds (tensorboard and many need the tensorboard extra, part of dev)."""
+def test_logger_options(option, tmp_path, monkeypatch):
+    """Every logger option builds (tensorboard, mlflow and many need their extras, part of dev)."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")  # not ./mlflow.db
     cfg = make_small(compose_config([f"logger={option}"]), tmp_path)
     loggers = instantiate_group(cfg.logger, "logger")
     assert (len(loggers) > 0) == (option != "none")
     assert (option in ("tensorboard", "many")) == any(type(lg).__name__ == "TensorBoardLogger" for lg in loggers)
+    assert (option in ("mlflow", "many")) == any(type(lg).__name__ == "MLflowRunLogger" for lg in loggers)
+    if option == "mlflow":  # the reports read the CSV logger's metrics.csv: MLflow comes in addition
+        assert any(type(lg).__name__ == "CSVLogger" for lg in loggers)
 
 
 @pytest.mark.parametrize("option", options("trainer"))

@@ -55,7 +55,7 @@ def test_readme_names_each_extra_install_line() -> None:
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## Install", 1)[1].split("\n## ", 1)[0]
     extras = set(re.findall(r'pip install -e "\.\[(\w+)\]" -c constraints.txt', section))
-    assert extras == {"serve", "tune", "sagemaker"}
+    assert extras == {"serve", "tune", "sagemaker", "mlflow"}
     assert "pip install -e . -c constraints.txt" in section and "pip wheel --no-deps -w dist ." in section
 
 

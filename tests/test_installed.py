@@ -25,6 +25,7 @@ from pathlib import Path
 import boto3
 import httpx
 import pytest
+from mlflow.tracking import MlflowClient
 
 from dogbreed.serve.package import extract_package
 
@@ -167,6 +168,21 @@ def test_tune_one_trial(installed_python: IsolatedPython, work: Path) -> None:
     run(installed_python, ["dogbreed-tune", *SMALL, "tune.n_trials=1", "hydra.run.dir=tune"], work, "tune")
     assert (work / "tune" / "trials.csv").read_text().count("\n") == 2
     assert (work / "tune" / "report" / "tuning-report.html").is_file()
+
+
+@pytest.mark.slow
+def test_mlflow_extra_alone_tracks_a_run(installed_python: IsolatedPython, mlflow_server: str, work: Path) -> None:
+    """``pip install "dogbreed[mlflow]"``: a run logs to a real MLflow server, without the other extras.
+
+    mlflow-skinny itself depends on FastAPI and uvicorn, so the mlflow extra brings the serve extra's packages.
+    """
+    uri = f"logger.mlflow.tracking_uri={mlflow_server}"
+    run(installed_python, ["dogbreed-train", *SMALL, "logger=mlflow", uri, "logger.mlflow.experiment_name=installed",
+                           "hydra.run.dir=tracked"], work, "mlflow", "serve")  # fmt: skip
+    client = MlflowClient(mlflow_server)
+    (tracked,) = client.search_runs([client.get_experiment_by_name("installed").experiment_id])
+    assert tracked.data.params["trainer.max_epochs"] == "1" and tracked.data.metrics["test/acc"] >= 0
+    assert "model" in {a.path for a in client.list_artifacts(tracked.info.run_id)}
 
 
 @pytest.mark.slow

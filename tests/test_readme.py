@@ -37,7 +37,7 @@ CLI_OF = {
     ("python", "-m", "dogbreed.data"): [sys.executable, "-m", "dogbreed.data"],
 }
 # commands whose words are not dogbreed's (shell, pip, other tools)
-OTHER = ("python3", "pip", ".", "xdg-open", "open", "apt-get")
+OTHER = ("python3", "pip", ".", "xdg-open", "open", "apt-get", "mlflow")
 TEST_COMMAND = ["python", "-m", "pytest"]  # the README's test command, which CI runs as written
 
 

@@ -63,6 +63,14 @@ class DatasetIndex:
         per_class = self.counts()[split]
         return max(per_class) / max(min(per_class), 1)
 
+    def digest(self) -> str:
+        """sha256 of which files each split holds, under which class: names what a run trained and tested on."""
+        digest = hashlib.sha256()
+        for split in sorted(self.samples):
+            for path, label in self.samples[split]:
+                digest.update(f"{split}\0{path}\0{self.classes[label]}\n".encode())
+        return digest.hexdigest()
+
     def to_json(self) -> dict:
         return {"version": _INDEX_VERSION, "classes": self.classes, "samples": self.samples, "excluded": self.excluded}
 

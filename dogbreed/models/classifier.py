@@ -70,7 +70,10 @@ class DogBreedClassifier(L.LightningModule):
         weights_cache_dir: str | Path | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["optimizer", "scheduler", "weights_cache_dir", "backbone_kwargs"])
+        # logger=False: train() logs the whole composed config to every logger, of which these are a part
+        self.save_hyperparameters(
+            ignore=["optimizer", "scheduler", "weights_cache_dir", "backbone_kwargs"], logger=False
+        )
         # recorded, not as objects (a norm_layer partial), which checkpoints loaded with weights_only refuse
         self.hparams["backbone_kwargs"] = backbone_kwargs_spec(backbone_kwargs)
         self.net, self.head_name = create_backbone(
