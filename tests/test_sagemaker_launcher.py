@@ -161,6 +161,38 @@ def test_spot_multi_instance_job_checkpoints_and_trains_ddp(sm: Callable) -> Non
     assert _channels(request["InputDataConfig"]).keys() == {"code", "training"}
 
 
+MLFLOW_ARN = "arn:aws:sagemaker:us-east-1:123456789012:mlflow-tracking-server/dogbreed"
+
+
+def test_jobs_log_to_sagemaker_managed_mlflow(sm: Callable) -> None:
+    """Training and tuning jobs get logger=mlflow, the server in their environment and the plugin to reach it."""
+    job = ["data.source=s3://b/dogImages", "trainer.max_epochs=3"]
+    tracking = [f"sagemaker.mlflow.tracking_arn={MLFLOW_ARN}", "sagemaker.mlflow.experiment_name=breeds"]
+    cfg, session, sent = sm(*job, *tracking)
+    launcher.launch_train(cfg, job, session=session)
+    (request,) = sent["CreateTrainingJob"]
+    assert hyperparameters_to_overrides(request["HyperParameters"]) == [
+        *job, "logger=mlflow", "logger.mlflow.experiment_name=breeds"
+    ]  # fmt: skip
+    assert request["Environment"] == {"MLFLOW_TRACKING_URI": MLFLOW_ARN, "MLFLOW_EXPERIMENT_NAME": "breeds"}
+    assert request["MlflowConfig"] == {"MlflowResourceArn": MLFLOW_ARN, "MlflowExperimentName": "breeds"}
+    with tarfile.open(fileobj=io.BytesIO(_s3_object(_channels(request["InputDataConfig"])["code"]))) as tar:
+        requirements = tar.extractfile("requirements.txt").read().decode().split()
+    assert {"mlflow<4,>=3.17", "sagemaker-mlflow>=0.5"} <= set(requirements)
+
+    cfg, session, sent = sm(*job, "logger=many", *tracking, "sagemaker.base_job_name=dogbreed-mlflow")
+    launcher.launch_tune(cfg, [*job, "logger=many"], session=session)
+    (request,) = sent["CreateHyperParameterTuningJob"]
+    definition = request["TrainingJobDefinition"]
+    assert definition["Environment"] == {"MLFLOW_TRACKING_URI": MLFLOW_ARN, "MLFLOW_EXPERIMENT_NAME": "breeds"}
+    static = hyperparameters_to_overrides(definition["StaticHyperParameters"])
+    assert static[-2:] == ["logger=many", "logger.mlflow.experiment_name=breeds"]
+
+    cfg, session, _ = sm(*job, "logger=csv", *tracking)
+    with pytest.raises(launcher.LaunchError, match="logger=csv has no MLflow logger"):
+        launcher.launch_train(cfg, [*job, "logger=csv"], session=session)
+
+
 def test_sagemaker_rules_are_opt_in_with_the_local_thresholds(sm: Callable) -> None:
     job = ["data.source=s3://b/dogImages"]
     cfg, session, sent = sm(*job, "sagemaker.profiler.enabled=true", "sagemaker.debugger.enabled=true")

@@ -15,7 +15,7 @@ import tarfile
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,16 +40,19 @@ if __name__ == "__main__":
 '''
 
 
-def requirements() -> list[str]:
-    """dogbreed's own dependencies (from its metadata) minus what the PyTorch container already has."""
+def requirements(extras: Sequence[str] = ()) -> list[str]:
+    """dogbreed's own dependencies and those of ``extras`` (from its metadata), minus what the PyTorch container
+    already has."""
     try:
         requires = importlib.metadata.requires("dogbreed") or []
     except importlib.metadata.PackageNotFoundError:
         raise LaunchError("dogbreed is not installed; run `pip install -e .[sagemaker]` first.") from None
     kept = []
     for req in requires:
-        if "extra ==" in req:
+        extra = re.search(r"""extra\s*==\s*["']([^"']+)["']""", req)
+        if extra and extra.group(1) not in extras:
             continue
+        req = re.sub(r"\s*;\s*extra\s*==.*$", "", req)
         name = re.split(r"[<>=!~ ;\[]", req, maxsplit=1)[0].lower()
         if name not in CONTAINER_PROVIDED:
             kept.append(req)
@@ -57,8 +60,9 @@ def requirements() -> list[str]:
 
 
 @contextlib.contextmanager
-def source_dir() -> Iterator[Path]:
-    """A temporary copy of the code the job runs: ``dogbreed/`` with its ``conf/``, the entry script, requirements."""
+def source_dir(extras: Sequence[str] = ()) -> Iterator[Path]:
+    """A temporary copy of the code the job runs: ``dogbreed/`` with its ``conf/``, the entry script, and
+    ``requirements.txt`` (with those of ``extras``)."""
     with tempfile.TemporaryDirectory(prefix="dogbreed-source-") as tmp:
         root = Path(tmp)
         ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "demo_data")
@@ -67,17 +71,17 @@ def source_dir() -> Iterator[Path]:
         # a wheel already holds dogbreed/conf; an editable install keeps it in the checkout's conf/
         shutil.copytree(CONFIG_DIR, package / "conf", ignore=ignore, dirs_exist_ok=True)
         (root / ENTRY_SCRIPT).write_text(ENTRY_PY)
-        (root / "requirements.txt").write_text("\n".join(requirements()) + "\n")
+        (root / "requirements.txt").write_text("\n".join(requirements(extras)) + "\n")
         yield root
 
 
-def upload_source(session: Any, *, code_s3_uri: str, base_job_name: str) -> str:
+def upload_source(session: Any, *, code_s3_uri: str, base_job_name: str, extras: Sequence[str] = ()) -> str:
     """Pack :func:`source_dir` as the training toolkit unpacks it (its entries at the top), upload it; return the URI.
 
     Each launch gets its own key: a running job keeps reading the code it started with.
     """
     key = f"{base_job_name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    with source_dir() as code, tempfile.TemporaryDirectory(prefix="dogbreed-sourcedir-") as tmp:
+    with source_dir(extras) as code, tempfile.TemporaryDirectory(prefix="dogbreed-sourcedir-") as tmp:
         archive = Path(tmp) / SOURCEDIR
         with tarfile.open(archive, "w:gz") as tar:
             for path in sorted(code.iterdir()):

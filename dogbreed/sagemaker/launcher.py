@@ -68,8 +68,26 @@ def job_inputs(cfg: DictConfig, session: Any) -> list[Any]:
         session, weights=None if weights is None else str(weights), weights_s3_uri=sm.weights_s3_uri,
         bucket=sm.bucket, prefix=sm.prefix, network_isolation=isolated,
     )  # fmt: skip
-    code = inputs.upload_source(session, code_s3_uri=sm.code_s3_uri, base_job_name=sm.base_job_name)
+    extras = ["mlflow"] if sm.mlflow.tracking_arn else []
+    code = inputs.upload_source(session, code_s3_uri=sm.code_s3_uri, base_job_name=sm.base_job_name, extras=extras)
     return inputs.channels(code=code, data=data, weights=weights)
+
+
+def with_tracking(cfg: DictConfig, job_overrides: Sequence[str]) -> list[str]:
+    """``job_overrides`` plus, with ``sagemaker.mlflow.tracking_arn`` set, ``logger=mlflow`` (unless a logger is
+    chosen, which must then hold the MLflow logger) and the experiment's name."""
+    sm, overrides = cfg.sagemaker, list(job_overrides)
+    if not sm.mlflow.tracking_arn:
+        return overrides
+    chosen = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0] == "logger"]
+    if not chosen:
+        overrides.append("logger=mlflow")
+    elif "mlflow" not in (cfg.get("logger") or {}):
+        raise LaunchError(
+            f"sagemaker.mlflow.tracking_arn is set but logger={chosen[-1]} has no MLflow logger: drop the logger "
+            "override (the job then uses logger=mlflow), or choose logger=mlflow or logger=many."
+        )
+    return [*overrides, f"logger.mlflow.experiment_name={sm.mlflow.experiment_name}"]
 
 
 def make_trainer(cfg: DictConfig, session: Any, job_overrides: Sequence[str], *, checkpoints: bool) -> Any:
@@ -79,9 +97,17 @@ def make_trainer(cfg: DictConfig, session: Any, job_overrides: Sequence[str], *,
         region=sm.region, instance_type=sm.instance_type, framework_version=sm.framework_version,
         py_version=sm.py_version, image_uri=sm.image_uri,
     )  # fmt: skip
+    environment: dict[str, str] = {}
+    if sm.mlflow.tracking_arn:
+        environment, fields = training.mlflow_tracking(
+            tracking_arn=sm.mlflow.tracking_arn, experiment_name=sm.mlflow.experiment_name
+        )
+        training.add_to_training_job_requests(session, fields)
+    overrides = with_tracking(cfg, job_overrides)
     return training.make_trainer(
         session,
-        hyperparameters=training.job_hyperparameters(job_overrides, instance_count=sm.instance_count, region=sm.region),
+        hyperparameters=training.job_hyperparameters(overrides, instance_count=sm.instance_count, region=sm.region),
+        environment=environment,
         image=image,
         role=required(sm, "role"),
         instance_type=sm.instance_type,

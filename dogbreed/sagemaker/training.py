@@ -92,11 +92,13 @@ def make_trainer(
     metrics: Sequence[str],
     base_job_name: str,
     output_s3_uri: str,
+    environment: Mapping[str, str] | None = None,
 ) -> Any:
     """A ``ModelTrainer`` for one training job (or the template of a tuning job's jobs).
 
     Spot jobs wait up to ``max_wait`` seconds (None: ``2 * max_run``) for capacity; ``checkpoint_s3_uri`` syncs
-    with ``/opt/ml/checkpoints``, from which a restarted job resumes.
+    with ``/opt/ml/checkpoints``, from which a restarted job resumes. ``environment`` is the container's (the
+    tuner copies it into its jobs' definition).
     """
     from sagemaker.core.shapes import CheckpointConfig, OutputDataConfig
     from sagemaker.core.training.configs import Compute, MetricDefinition, Networking, StoppingCondition
@@ -114,6 +116,7 @@ def make_trainer(
         base_job_name=base_job_name,
         training_image=image,
         hyperparameters=dict(hyperparameters),
+        environment=dict(environment or {}),
         compute=Compute(
             instance_type=instance_type,
             instance_count=instance_count,
@@ -201,6 +204,21 @@ def sagemaker_rules(
     return fields
 
 
+def mlflow_tracking(*, tracking_arn: str, experiment_name: str) -> tuple[dict[str, str], dict[str, Any]]:
+    """The container environment and the CreateTrainingJob fields that send a job's MLflow runs to SageMaker
+    managed MLflow.
+
+    The job's ``logger=mlflow`` reads the server from ``MLFLOW_TRACKING_URI`` (an ARN, which the
+    ``sagemaker-mlflow`` plugin of the job's requirements resolves and signs). CreateTrainingJob's own
+    ``MlflowConfig`` (sagemaker-core's ``TrainingJob.create`` has it; SDK v3's ``ModelTrainer`` does not, so it
+    goes in through :func:`add_to_training_job_requests`) links the job to the server in SageMaker's console. A
+    tuning job's training definition has no ``MlflowConfig`` field: its jobs get the environment only.
+    """
+    environment = {"MLFLOW_TRACKING_URI": tracking_arn, "MLFLOW_EXPERIMENT_NAME": experiment_name}
+    fields = {"MlflowConfig": {"MlflowResourceArn": tracking_arn, "MlflowExperimentName": experiment_name}}
+    return environment, fields
+
+
 def add_to_training_job_requests(session: Any, fields: Mapping[str, Any]) -> None:
     """Add ``fields`` to every CreateTrainingJob request of ``session`` (``ModelTrainer`` has no place for them)."""
 
@@ -208,7 +226,7 @@ def add_to_training_job_requests(session: Any, fields: Mapping[str, Any]) -> Non
         params.update(fields)
 
     session.boto_session.events.register(
-        "before-parameter-build.sagemaker.CreateTrainingJob", add, unique_id="dogbreed-sagemaker-rules"
+        "before-parameter-build.sagemaker.CreateTrainingJob", add, unique_id=f"dogbreed-{'-'.join(sorted(fields))}"
     )
 
 
