@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.utilities import rank_zero_only
 
 import dogbreed
 from dogbreed._io import read_json, write_json
@@ -127,6 +128,7 @@ class MLflowRunLogger(MLFlowLogger):
             experiment_name=experiment_name, run_name=run_name, tracking_uri=tracking_uri, tags=all_tags, run_id=run_id
         )
 
+    @rank_zero_only
     def log_hyperparams(self, params: Any) -> None:
         """Log the composed config under dotted names, skipping what the run already holds (a resumed run).
 
@@ -146,10 +148,12 @@ class MLflowRunLogger(MLFlowLogger):
             self.experiment.log_batch(self.run_id, params=new[start : start + 100], tags=changed[start : start + 100])
         write_json(self.run_dir / MLFLOW_RUN, {"run_id": self.run_id, "tracking_uri": self._tracking_uri})
 
+    @rank_zero_only
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         for key, value in tags.items():
             self.experiment.set_tag(self.run_id, key, str(value))
 
+    @rank_zero_only
     def log_run_dir(self, output_dir: str | Path, model_dir: str | Path, *, data_digest: str | None = None) -> None:
         """Upload the run's results: ``model/``, ``metrics.json``, the confusion matrix, ``report/`` and
         ``data-report.json`` (whichever exist), and tag the data's digest."""

@@ -3,8 +3,9 @@
 The search space is ``cfg.hparams_search`` (``conf/hparams_search/``), the same file the SageMaker tuner
 reads. Each trial is one ``train(cfg)`` run in ``<run dir>/trials/<n>/``; a pruning callback reports the
 objective after every validation epoch so that the pruner can stop bad trials early. The study lives in
-Optuna's RDB storage (SQLite in the run dir by default): re-running the command resumes it, and several
-processes or machines can share one storage URL to run trials in parallel.
+``tune.storage`` (SQLite in the run dir by default; :mod:`dogbreed.study_storage` says which to pick):
+re-running the command resumes it, and several processes (a journal file) or machines (PostgreSQL) can
+share one storage to run trials in parallel.
 
 Run dir: ``study.db``, ``study.json``, ``trials.csv``, ``best_overrides.txt``, ``tuned/best.yaml``, ``plots/*.png``
 and ``report/tuning-report.html``.
@@ -36,6 +37,7 @@ from dogbreed.data import DataError
 from dogbreed.models import WeightsError
 from dogbreed.report.tuning import readable_parallel_coordinate, report_tuning
 from dogbreed.rundir import BEST_OVERRIDES, MODEL_DIR, PLOT_DIR, STUDY_JSON, TRIAL_COLUMNS, TRIALS_CSV
+from dogbreed.study_storage import fail_stale_trials, make_storage, trial_heartbeat
 from dogbreed.train import train
 
 log = logging.getLogger(__name__)
@@ -117,22 +119,6 @@ def make_pruner(
     raise TuneConfigError(f"tune.pruner={name!r} is not supported; use one of {PRUNERS}.")
 
 
-def make_storage(url: str, *, heartbeat_interval: int | None, grace_period: int | None) -> optuna.storages.RDBStorage:
-    """Optuna's RDB storage; a killed worker's trial is failed after the grace period and retried once."""
-    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    if not heartbeat_interval:
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RDBStorage(
-            url,
-            engine_kwargs=engine_kwargs,
-            heartbeat_interval=heartbeat_interval,
-            grace_period=grace_period,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
-        )
-
-
 def trial_config(
     cfg: DictConfig, values: Mapping[str, Any], trial_dir: Path, *, mlflow_parent: str | None = None
 ) -> DictConfig:
@@ -169,7 +155,8 @@ def make_objective(
         try:
             pruning = OptunaPruning(trial, cfg.optimized_metric)
             trial_cfg = trial_config(cfg, values, trial_dir, mlflow_parent=mlflow_parent)
-            metrics = run(trial_cfg, extra_callbacks=[pruning])
+            with trial_heartbeat(trial, cfg.tune.heartbeat_interval):
+                metrics = run(trial_cfg, extra_callbacks=[pruning])
         finally:
             if not cfg.tune.keep_checkpoints:
                 shutil.rmtree(trial_dir / "checkpoints", ignore_errors=True)
@@ -221,11 +208,13 @@ def tune(cfg: DictConfig, run: Callable[..., dict[str, Any]] = train) -> optuna.
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     study = open_study(cfg, out_dir)
+    fail_stale_trials(study, cfg.tune.grace_period)
     remaining = cfg.tune.n_trials - len(finished_trials(study))
     if remaining > 0:
         states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
         callbacks: list[Callable[[optuna.Study, optuna.trial.FrozenTrial], None]] = [
-            optuna.study.MaxTrialsCallback(cfg.tune.n_trials, states=states)
+            optuna.study.MaxTrialsCallback(cfg.tune.n_trials, states=states),
+            lambda study, _: fail_stale_trials(study, cfg.tune.grace_period),
         ]
         mlflow_parent = None
         if mlflow_cfg := cfg.get("logger", {}).get("mlflow"):  # logger=mlflow: a parent run, a child per trial

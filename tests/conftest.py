@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -256,6 +259,35 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     finally:
         os.killpg(proc.pid, 15)
         proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A real PostgreSQL server (Debian's ``postgresql``) in a temp data dir on 127.0.0.1; yields its SQLAlchemy URL.
+
+    PostgreSQL refuses to run as root, so under root (CI) it runs as the ``postgres`` user the package creates.
+    """
+    initdb = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    if not initdb:
+        pytest.skip("needs PostgreSQL's server: apt-get install postgresql (.ci/run installs it)")
+    bindir = initdb[-1].parent
+    root = Path(tempfile.mkdtemp(prefix="dogbreed-postgres-"))  # not under pytest's root-only temp dirs
+    as_user: list[str] = []
+    if os.geteuid() == 0:
+        user = pwd.getpwnam("postgres")
+        os.chown(root, user.pw_uid, user.pw_gid)
+        as_user = ["runuser", "-u", "postgres", "--"]
+    data, port = root / "data", free_port()
+    subprocess.run([*as_user, str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"],
+                   check=True, capture_output=True, timeout=120)  # fmt: skip
+    pg_ctl = [*as_user, str(bindir / "pg_ctl"), "-D", str(data)]
+    subprocess.run([*pg_ctl, "-l", str(root / "server.log"), "-w", "-o", f"-h 127.0.0.1 -p {port} -k {root}", "start"],
+                   check=True, capture_output=True, timeout=120)  # fmt: skip
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*pg_ctl, "-m", "immediate", "-w", "stop"], capture_output=True, timeout=120)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture

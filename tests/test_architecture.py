@@ -18,9 +18,9 @@ import pytest
 from .test_install import env_with
 
 PACKAGE = Path(__file__).resolve().parents[1] / "dogbreed"
-# the extras' own code; package.py is the ``python -m dogbreed.package`` entry point of serve/package.py, and
-# predict.py runs the serving handlers over many files
-OUTSIDE_CORE = ("serve/", "sagemaker/", "tune.py", "package.py", "predict.py")
+# the extras' own code (study_storage.py is the tune extra's); package.py is the ``python -m dogbreed.package``
+# entry point of serve/package.py, and predict.py runs the serving handlers over many files
+OUTSIDE_CORE = ("serve/", "sagemaker/", "tune.py", "study_storage.py", "package.py", "predict.py")
 OPTIONAL = (
     "dogbreed.serve", "dogbreed.sagemaker", "sagemaker", "optuna", "smdebug", "starlette", "uvicorn", "mlflow",
 )  # fmt: skip
