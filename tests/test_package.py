@@ -100,13 +100,14 @@ def test_archive_inference_py_runs_from_a_clean_directory(
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 def test_exports_round_trip(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    archive = build_package(tiny_model_dir, tmp_path / "m.tar.gz", exports=["torchscript", "onnx"], runtime="onnx")
+    exports = ["export", "torchscript", "onnx"]
+    archive = build_package(tiny_model_dir, tmp_path / "m.tar.gz", exports=exports, runtime="onnx")
     root = extract_package(archive, tmp_path / "model")
     manifest = json.loads((root / "package.json").read_text())
-    assert manifest["runtime"] == "onnx" and set(manifest["exports"]) == {"torchscript", "onnx"}
+    assert manifest["runtime"] == "onnx" and set(manifest["exports"]) == set(exports)
     assert "onnxruntime" in (root / "code" / "requirements.txt").read_text()
     eager = answer(tiny_model_dir)["predictions"]
-    for runtime in ("onnx", "torchscript"):
+    for runtime in exports:
         monkeypatch.setenv("DOGBREED_RUNTIME", runtime)  # how a SageMaker Model's env picks the runtime
         assert model_fn(str(root)).runtime == runtime
         got = answer(root)["predictions"]

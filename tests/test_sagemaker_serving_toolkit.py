@@ -55,7 +55,7 @@ def base_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     """A ``SAGEMAKER_BASE_DIR`` (``/opt/ml`` on SageMaker) with the unpacked package at ``model/``."""
     tmp = tmp_path_factory.mktemp("sagemaker")
     archive = build_package(
-        tiny_model_dir.parent, tmp / "model.tar.gz", exports=["torchscript", "onnx"], runtime="eager"
+        tiny_model_dir.parent, tmp / "model.tar.gz", exports=["export", "torchscript", "onnx"], runtime="eager"
     )
     extract_package(archive, tmp / "ml" / "model")
     return tmp / "ml"
@@ -137,6 +137,7 @@ def cases(base_dir: Path) -> dict[str, Case]:
     }
 
 
+EXPORTED = ("export", "torchscript", "onnx")  # the runtimes besides eager, each from the package's own export
 RUNTIME_CASES = ["image/jpeg", "json", "json-batch", "npy-float32", "json-explain", "not-an-image", "bad-json"]
 CASE_NAMES = [
     "image/jpeg", "image/png", "application/x-image", "application/octet-stream", "json", "json-charset",
@@ -197,7 +198,7 @@ def toolkit_run(base_dir: Path, bare_python: IsolatedPython, tmp_path_factory: p
     folder = tmp_path_factory.mktemp("cases")
     table = cases(base_dir)
     runs = [("eager", name) for name in CASE_NAMES]
-    runs += [(runtime, name) for runtime in ("torchscript", "onnx") for name in RUNTIME_CASES]
+    runs += [(runtime, name) for runtime in EXPORTED for name in RUNTIME_CASES]
     manifest = []
     for i, (runtime, name) in enumerate(runs):
         case = table[name]
@@ -255,10 +256,10 @@ def test_toolkit_answers_every_content_type_and_refusal(name: str, toolkit_run: 
         assert explanation["layer"] == "layer4" and explanation["index"] == expected[0]["index"]
 
 
-@pytest.mark.parametrize("runtime", ["torchscript", "onnx"])
+@pytest.mark.parametrize("runtime", EXPORTED)
 @pytest.mark.parametrize("name", RUNTIME_CASES)
 def test_toolkit_answers_on_each_exported_runtime(name: str, runtime: str, toolkit_run: dict, expected: list) -> None:
-    """The same answers from the package's TorchScript and ONNX exports; only eager explains (it has gradients)."""
+    """The same answers from each of the package's exports; only eager explains (it has gradients)."""
     case, got = toolkit_run["_cases"][name], toolkit_run[f"{runtime}:{name}"]
     if name == "json-explain":
         case = Case(case.content_type, case.body, status=400, error="explain_needs_eager")

@@ -189,10 +189,10 @@ def test_explain_adds_grad_cam_and_keeps_the_answer(endpoint: Endpoint) -> None:
 
 
 def test_explain_without_gradients_is_refused_and_plain_requests_answer(tiny_model_dir: Path, tmp_path: Path) -> None:
-    """A TorchScript endpoint: 400 explain_needs_eager for the query parameter (before the body is read) and the
+    """A torch.export endpoint: 400 explain_needs_eager for the query parameter (before the body is read) and the
     JSON field alike; the same request without explain answers."""
-    archive = build_package(tiny_model_dir, tmp_path / "model.tar.gz", exports=["torchscript"])
-    endpoint = start_endpoint(archive, tmp_path / "server.log", "--runtime", "torchscript")
+    archive = build_package(tiny_model_dir, tmp_path / "model.tar.gz", exports=["export"])
+    endpoint = start_endpoint(archive, tmp_path / "server.log", "--runtime", "export")
     try:
         url, photo, jpeg = f"{endpoint.url}/invocations", PHOTO.read_bytes(), {"Content-Type": "image/jpeg"}
         b64 = base64.b64encode(photo).decode()

@@ -19,7 +19,7 @@ object per image (a list for a batch): Grad-CAM of its top-1 class on the last c
 (:mod:`dogbreed.serve.explain`), ``{"label", "index", "method": "grad-cam", "layer", "heatmap_png",
 "input_jpeg"}``. ``heatmap_png`` is a base64 8-bit greyscale PNG of ``S x S`` pixels (value / 255 is the weight
 in [0, 1]) and ``input_jpeg`` a base64 JPEG of the ``S x S`` crop the model saw, so the two overlay pixel for
-pixel. It needs gradients, so only the eager runtime explains: a TorchScript or ONNX model answers 400
+pixel. It needs gradients, so only the eager runtime explains: an export, TorchScript or ONNX model answers 400
 ``explain_needs_eager``. Requests without it get exactly the answer above.
 """
 

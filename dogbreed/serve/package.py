@@ -4,9 +4,9 @@ Layout (what SageMaker's PyTorch serving container expects, at the archive root)
 
     model.pt  model_config.json  classes.json  preprocessing.json   (as the run's model/ dir wrote them)
     package.json                 runtime, exports, top_k, versions, sha256 of every file
-    model.ts | model.onnx        optional TorchScript / ONNX exports (--export)
+    model.pt2 | model.onnx       optional torch.export / ONNX exports (--export); model.ts: TorchScript (deprecated)
     code/inference.py            re-exports the handlers of dogbreed.serve.handlers
-    code/requirements.txt        nothing for eager/TorchScript; onnxruntime for the ONNX runtime
+    code/requirements.txt        nothing for eager, export and TorchScript; onnxruntime for the ONNX runtime
     code/dogbreed/...            the handlers' import closure, computed from the code (:func:`served_modules`)
                                  and copied byte for byte from this install; its packages' __init__.py are stubs
 
@@ -95,7 +95,8 @@ def build_package(
     Args:
         run_dir: A training run dir (or its ``model/`` dir).
         output: Archive to write (replaced atomically).
-        exports: Extra formats to export, from ``torchscript`` and ``onnx``; each is checked against eager.
+        exports: Extra formats to export, from ``export`` (``torch.export``), ``onnx`` and ``torchscript``
+            (deprecated); each is checked against eager.
         runtime: What the endpoint runs: ``eager`` or one of ``exports``; defaults to the first export.
         top_k: Classes returned per image unless a request asks otherwise.
     """
@@ -161,12 +162,19 @@ def _export(fmt: str, net: torch.nn.Module, example: torch.Tensor, path: Path) -
     """Export ``net`` and check the export's logits against eager on ``example``."""
     with torch.inference_mode():
         expected = net(example)
-    if fmt == "torchscript":
+    if fmt == "export":
+        # the batch dimension stays dynamic: the endpoint batches 1 to max_batch_size images
+        program = torch.export.export(net, (example,), dynamic_shapes=({0: torch.export.Dim.DYNAMIC},))
+        torch.export.save(program, str(path))
+        with torch.inference_mode():
+            got = torch.export.load(str(path)).module()(example)
+        info: dict[str, Any] = {"file": path.name}
+    elif fmt == "torchscript":
         with torch.no_grad(), warnings.catch_warnings():  # torch 2.9+ flags TorchScript as deprecated
             warnings.simplefilter("ignore")
             torch.jit.save(torch.jit.freeze(torch.jit.trace(net, example)), str(path))
             got = torch.jit.load(str(path), map_location="cpu")(example)
-        info: dict[str, Any] = {"file": path.name}
+        info = {"file": path.name}
     else:
         buffer = io.BytesIO()
         with warnings.catch_warnings():

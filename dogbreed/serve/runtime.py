@@ -1,4 +1,5 @@
-"""The model runtime: load a model package or a run's ``model/`` dir; run it eager, TorchScript or ONNX Runtime.
+"""The model runtime: load a model package or a run's ``model/`` dir; run it eager, exported (``torch.export``),
+TorchScript (deprecated; packages made earlier) or ONNX Runtime.
 
 One home for what a loaded model is and does (preprocess, predict, explain), shared by the SageMaker handlers
 (:mod:`dogbreed.serve.handlers`), the local server and batch prediction. It reads requests only as decoded
@@ -38,15 +39,16 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 PACKAGE_MANIFEST = "package.json"
-RUNTIMES = ("eager", "torchscript", "onnx")
-EXPORT_FILES = {"torchscript": "model.ts", "onnx": "model.onnx"}
+RUNTIMES = ("eager", "export", "torchscript", "onnx")
+# export: torch.export's ExportedProgram (.pt2), TorchScript's successor; TorchScript is deprecated since torch 2.11
+EXPORT_FILES = {"export": "model.pt2", "torchscript": "model.ts", "onnx": "model.onnx"}
 DEFAULT_TOP_K = 5
 
 
 class DogBreedModel:
-    """What ``model_fn`` returns: a forward function (eager, TorchScript or ONNX Runtime) plus its metadata.
+    """What ``model_fn`` returns: a forward function (eager, export, TorchScript or ONNX Runtime) plus its metadata.
 
-    ``net`` is the eager network behind ``forward`` (``None`` for TorchScript and ONNX): Grad-CAM needs it.
+    ``net`` is the eager network behind ``forward`` (``None`` for the other runtimes): Grad-CAM needs it.
     """
 
     def __init__(
@@ -175,7 +177,7 @@ def load_model(
             f"{model_dir / MODEL_WEIGHTS} is not a state dict that loads with weights_only=True "
             f"({reason or str(err).splitlines()[0]}); rebuild the package with `python -m dogbreed.package`."
         ) from err
-    # A GPU endpoint instance (ml.g4dn ...) runs eager and TorchScript on its GPU; DOGBREED_DEVICE overrides.
+    # A GPU endpoint instance (ml.g4dn ...) runs eager, export and TorchScript on its GPU; DOGBREED_DEVICE overrides.
     device = torch.device(
         device or os.environ.get("DOGBREED_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
     )
@@ -184,7 +186,15 @@ def load_model(
         # oneDNN's convolutions run faster on NHWC tensors, by about 20% at batch 16 on CPU.
         net = md.network().to(device, memory_format=torch.channels_last)
         forward = _eager_forward(net, device, channels_last=True)
+    elif runtime == "export":
+        program = torch.export.load(str(model_dir / EXPORT_FILES["export"])).module().to(device)
+        forward = _eager_forward(program, device)
     elif runtime == "torchscript":
+        log.warning(
+            "%s: TorchScript is deprecated since torch 2.11 and may stop loading; rebuild the package with "
+            "`dogbreed-package RUN_DIR --export export` (torch.export) or --export onnx.",
+            model_dir,
+        )
         scripted = torch.jit.load(str(model_dir / EXPORT_FILES["torchscript"]), map_location=device)
         forward = _eager_forward(scripted, device)
     else:
