@@ -2,7 +2,9 @@
 
     flock /tmp/dogbreed-bench.lock python scripts/bench_serve.py [--model RUN_DIR] [--threads N] [--device cuda]
 
-Measures, in one run: the bare eager ``model(x)`` forward at batch 1; HTTP ``/invocations`` p50/p99 at
+Measures, in one run: the bare forward of every runtime the package can carry (eager, ``torch.export``, ONNX
+Runtime, OpenVINO FP32 and INT8 when ``openvino`` is installed) at batch 1 and 16, as ratios to eager; HTTP
+``/invocations`` p50/p99 at
 concurrency 1 (a real photo, decoded and preprocessed by the server) with dynamic batching on and off;
 throughput and p99 at concurrency 16 with batching on and off; ONNX Runtime against eager at batch 1 (bare,
 and over HTTP). Goals on CPU: HTTP p50 <= 1.2x the bare forward; batching >= 2x the unbatched throughput at
@@ -25,6 +27,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from importlib.resources import files
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +38,7 @@ import torch
 from dogbreed._io import available_cpus
 from dogbreed.artifacts import write_model_dir
 from dogbreed.models.backbone import create_backbone
+from dogbreed.serve.calibration import CALIBRATION_SIZE
 from dogbreed.serve.package import build_package, extract_package, find_model_dir
 from dogbreed.serve.runtime import load_model
 from dogbreed.transforms import Preprocessing, load_rgb
@@ -157,6 +162,12 @@ def main() -> None:
     parser.add_argument("--max-delay-ms", type=float, default=5.0)
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument(
+        "--calibration",
+        type=Path,
+        help="INT8 calibration images (default: the run's data; the demo data without --model)",
+    )
+    parser.add_argument("--calibration-size", type=int, default=CALIBRATION_SIZE, help="INT8 calibration images")
+    parser.add_argument(
         "--device", choices=["auto", "cuda", "cpu"], default="auto", help="eager's device (auto: the GPU if any)"
     )
     args = parser.parse_args()
@@ -171,15 +182,20 @@ def main() -> None:
     results["device"] = torch.cuda.get_device_name() if device.startswith("cuda") else device
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         model_dir = find_model_dir(args.model) if args.model else synthetic_model_dir(Path(tmp))
-        package = build_package(model_dir, Path(tmp) / "model.tar.gz", exports=["onnx"], runtime="eager")
+        runtimes = ["eager", "export", "onnx", *(["openvino", "openvino-int8"] if find_spec("openvino") else [])]
+        calibration = args.calibration or (None if args.model else Path(str(files("dogbreed") / "demo_data")))
+        package = build_package(
+            model_dir, Path(tmp) / "model.tar.gz", exports=runtimes[1:], runtime="eager", calibration=calibration,
+            calibration_size=args.calibration_size,
+        )  # fmt: skip
         unpacked = extract_package(package, Path(tmp) / "unpacked")
         size = load_model(unpacked).preprocessing.image_size
         print(f"model: {args.model or 'random ResNet-18, 133 classes'}, {size} px; {args.threads} threads on "
               f"{available_cpus()} CPUs; eager on {results['device']}; photo {PHOTO.name}")  # fmt: skip
 
-        results["bare_eager_ms"] = bare_forward_ms(unpacked, "eager", args.threads, 30)
-        results["bare_onnx_ms"] = bare_forward_ms(unpacked, "onnx", args.threads, 30)
-        results["bare_eager_b16_ms_per_image"] = bare_forward_ms(unpacked, "eager", args.threads, 5, batch=16)
+        for runtime in runtimes:
+            results[f"bare_{runtime}_ms"] = bare_forward_ms(unpacked, runtime, args.threads, 30)
+            results[f"bare_{runtime}_b16_ms_per_image"] = bare_forward_ms(unpacked, runtime, args.threads, 5, batch=16)
         common = ["--threads", str(args.threads), "--max-delay-ms", str(args.max_delay_ms)]
         batching = [*common, "--max-batch-size", str(args.max_batch_size)]
         with Server(package, *batching) as server:
@@ -205,7 +221,8 @@ def main() -> None:
     r = results
     r["ratio_http_p50_over_bare"] = r["http_c1_p50_ms"] / r["bare_eager_ms"]
     r["ratio_batched_over_unbatched"] = r["c16_batched_img_s"] / r["c16_unbatched_img_s"]
-    r["ratio_eager_over_onnx"] = r["bare_eager_ms"] / r["bare_onnx_ms"]
+    for runtime in runtimes:
+        r[f"ratio_eager_over_{runtime}"] = r["bare_eager_ms"] / r[f"bare_{runtime}_ms"]
     r["ratio_http_onnx_p50_over_bare_onnx"] = r["http_c1_onnx_p50_ms"] / r["bare_onnx_ms"]
     batch_note = f"mean batch {r['c16_mean_batch']:.1f} (max {args.max_batch_size}, {args.max_delay_ms:g} ms)"
     rows = [
@@ -231,6 +248,11 @@ def main() -> None:
     ]
     for name, value in rows:
         print(f"{name:<38} {value}")
+    print(f"\n{'runtime':<15} {'batch 1':>10} {'x eager':>8} {'batch 16':>14} {'x eager':>8}")
+    for runtime in runtimes:
+        one, sixteen = r[f"bare_{runtime}_ms"], r[f"bare_{runtime}_b16_ms_per_image"]
+        ratio1, ratio16 = r[f"ratio_eager_over_{runtime}"], r["bare_eager_b16_ms_per_image"] / sixteen
+        print(f"{runtime:<15} {one:7.1f} ms {ratio1:7.2f}x {sixteen:7.1f} ms/img {ratio16:6.2f}x")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

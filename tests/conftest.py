@@ -28,6 +28,8 @@ from dogbreed.data.cache import shard_name
 from .installed import IsolatedPython, build_wheel, copy_clone
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"  # large files kept outside the repository
+TINY_BREEDS = ["Affenpinscher", "Afghan_hound", "Beagle", "Boxer", "Brittany", "Bulldog", "Collie", "Dalmatian",
+               "Labrador_retriever", "Pug"]  # the classes of tiny_model_dir  # fmt: skip
 
 
 def compose_config(overrides: list[str] | None = None) -> DictConfig:
@@ -318,10 +320,8 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     net, head = create_backbone("resnet18", num_classes=10)
     torch.nn.init.normal_(net.get_submodule(head).weight, std=0.5)  # distinct logits: stable top-k order
-    breeds = ["Affenpinscher", "Afghan_hound", "Beagle", "Boxer", "Brittany", "Bulldog", "Collie", "Dalmatian",
-              "Labrador_retriever", "Pug"]  # fmt: skip
     return write_model_dir(
-        tmp_path_factory.mktemp("tiny") / "model", net, backbone="resnet18", class_names=breeds,
+        tmp_path_factory.mktemp("tiny") / "model", net, backbone="resnet18", class_names=TINY_BREEDS,
         preprocessing=Preprocessing(image_size=32, resize_size=36),
     )  # fmt: skip
 

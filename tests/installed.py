@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 EXTRA_PACKAGES = {
     "serve": {"starlette": "starlette", "uvicorn": "uvicorn"},
     "onnx": {"onnx": "onnx", "onnxruntime": "onnxruntime"},
+    "openvino": {"openvino": "openvino", "nncf": "nncf"},
     "tune": {"optuna": "optuna"},
     "sagemaker": {"sagemaker": "sagemaker-train,sagemaker-core"},
     "smdebug": {"smdebug": "smdebug"},

@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from dogbreed.serve import package as packaging
 from dogbreed.serve.handlers import input_fn, model_fn, output_fn, predict_fn
 from dogbreed.serve.package import UnsafeArchiveError, build_package, extract_package, main, served_modules
 
+from .conftest import TINY_BREEDS, write_image_folder
 from .installed import IsolatedPython
 
 PHOTO = Path(__file__).resolve().parents[1] / "examples" / "images" / "Labrador_retriever_06457.jpg"
@@ -113,6 +115,38 @@ def test_exports_round_trip(tiny_model_dir: Path, tmp_path: Path, monkeypatch: p
         got = answer(root)["predictions"]
         assert [p["index"] for p in got] == [p["index"] for p in eager]
         assert [p["probability"] for p in got] == pytest.approx([p["probability"] for p in eager], abs=1e-4)
+
+
+@pytest.mark.slow
+def test_openvino_fp32_and_int8_are_calibrated_checked_and_served(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """INT8 is calibrated on the training split and held to its accuracy on the validation split; both serve."""
+    data = write_image_folder(tmp_path / "data", classes=TINY_BREEDS, counts={"train": 4, "valid": 3})
+    exports = ["openvino", "openvino-int8"]
+    archive = build_package(
+        tiny_model_dir, tmp_path / "m.tar.gz", exports=exports, runtime="openvino-int8", calibration=data,
+        calibration_size=20,
+    )  # fmt: skip
+    root = extract_package(archive, tmp_path / "model")
+    recorded = json.loads((root / "package.json").read_text())["exports"]
+    assert recorded["openvino-int8"]["calibration"] == {"source": str(data), "images": 20}
+    int8, fp32 = recorded["openvino-int8"]["held_out"], recorded["openvino"]["held_out"]
+    assert int8["images"] == 30 and "accuracy" in int8 and "accuracy_eager" in int8  # the folders are its classes
+    assert fp32["top1_agreement"] == 1.0 and fp32["max_probability_diff"] < 1e-4
+    assert "openvino>=" in (root / "code" / "requirements.txt").read_text()
+    eager = answer(tiny_model_dir)["predictions"]
+    assert model_fn(str(root)).runtime == "openvino-int8"
+    assert answer(root)["predictions"][0]["label"] in TINY_BREEDS
+    monkeypatch.setenv("DOGBREED_RUNTIME", "openvino")
+    got = answer(root)["predictions"]
+    assert [p["probability"] for p in got] == pytest.approx([p["probability"] for p in eager], abs=1e-4)
+
+    with pytest.raises(ValueError, match="--calibration DIR"):
+        build_package(tiny_model_dir, tmp_path / "no.tar.gz", exports=["openvino-int8"])
+    monkeypatch.setattr(packaging, "MIN_AGREEMENT", 1.01)  # an export that answers otherwise is refused
+    with pytest.raises(RuntimeError, match=r"agrees with eager on the top class of 100\.0% of 30 held-out images"):
+        build_package(tiny_model_dir, tmp_path / "no.tar.gz", exports=["export"], calibration=data)
 
 
 def test_package_cli_errors(tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:

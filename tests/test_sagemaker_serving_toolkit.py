@@ -38,7 +38,7 @@ from dogbreed.serve.codec import format_predictions
 from dogbreed.serve.handlers import input_fn, model_fn, predict_fn
 from dogbreed.serve.package import build_package, extract_package
 
-from .conftest import wait_until_up
+from .conftest import TINY_BREEDS, wait_until_up, write_image_folder
 from .installed import IsolatedPython
 
 PHOTO = Path(__file__).resolve().parents[1] / "examples" / "images" / "Labrador_retriever_06457.jpg"
@@ -54,8 +54,10 @@ def _one_thread(_few_threads: None) -> None:
 def base_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A ``SAGEMAKER_BASE_DIR`` (``/opt/ml`` on SageMaker) with the unpacked package at ``model/``."""
     tmp = tmp_path_factory.mktemp("sagemaker")
+    # served as eager unless DOGBREED_RUNTIME says otherwise; each export checked on images of the model's classes
+    data = write_image_folder(tmp / "data", classes=TINY_BREEDS, counts={"train": 2, "valid": 2})
     archive = build_package(
-        tiny_model_dir.parent, tmp / "model.tar.gz", exports=["export", "torchscript", "onnx"], runtime="eager"
+        tiny_model_dir.parent, tmp / "model.tar.gz", exports=EXPORTED, runtime="eager", calibration=data
     )
     extract_package(archive, tmp / "ml" / "model")
     return tmp / "ml"
@@ -137,7 +139,7 @@ def cases(base_dir: Path) -> dict[str, Case]:
     }
 
 
-EXPORTED = ("export", "torchscript", "onnx")  # the runtimes besides eager, each from the package's own export
+EXPORTED = ["export", "openvino", "torchscript", "onnx"]  # the runtimes besides eager, from the package's exports
 RUNTIME_CASES = ["image/jpeg", "json", "json-batch", "npy-float32", "json-explain", "not-an-image", "bad-json"]
 CASE_NAMES = [
     "image/jpeg", "image/png", "application/x-image", "application/octet-stream", "json", "json-charset",

@@ -27,7 +27,7 @@ import shutil
 import tarfile
 import tempfile
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -44,13 +44,26 @@ from dogbreed.artifacts import (
     non_finite_tensors,
     read_model_dir,
 )
-from dogbreed.serve.runtime import DEFAULT_TOP_K, EXPORT_FILES, PACKAGE_MANIFEST, RUNTIMES
+from dogbreed.serve.calibration import CALIBRATION_SIZE, CheckImages, check_images, run_data
+from dogbreed.serve.runtime import (
+    DEFAULT_TOP_K,
+    EXPORT_FILES,
+    PACKAGE_MANIFEST,
+    RUNTIME_REQUIREMENTS,
+    RUNTIMES,
+    exported_forward,
+)
 
 log = logging.getLogger(__name__)
 
 PACKAGE_FORMAT = "dogbreed-model-package/1"
 ONNX_OPSET = 17
 MAX_UNPACKED_BYTES = 4 * 2**30
+# an export is refused when it answers otherwise than eager: FP32 exports on the top class of held-out images,
+# INT8 on their accuracy where the images' classes are the model's (else, on the top class, more loosely)
+MIN_AGREEMENT = 0.99
+MAX_INT8_ACCURACY_LOSS = 0.01
+MIN_INT8_AGREEMENT = 0.95
 
 SERVED_MODULE = "dogbreed.serve.handlers"  # what code/inference.py imports; code/ ships its import closure
 _PACKAGE_INIT = '"""The subset of dogbreed that serving needs, copied by ``python -m dogbreed.package``."""\n'
@@ -89,6 +102,8 @@ def build_package(
     exports: Iterable[str] = (),
     runtime: str | None = None,
     top_k: int = DEFAULT_TOP_K,
+    calibration: str | Path | None = None,
+    calibration_size: int = CALIBRATION_SIZE,
 ) -> Path:
     """Write ``output`` (a ``.tar.gz``) from a run dir; return its path.
 
@@ -99,6 +114,9 @@ def build_package(
             (deprecated); each is checked against eager.
         runtime: What the endpoint runs: ``eager`` or one of ``exports``; defaults to the first export.
         top_k: Classes returned per image unless a request asks otherwise.
+        calibration: Images that calibrate INT8 and check every export (the dogImages layout, or any folder of
+            images); default: the run's own dataset, as its ``data-report.json`` names it.
+        calibration_size: Training images INT8 is calibrated on.
     """
     exports = list(dict.fromkeys(exports))
     unknown = [e for e in exports if e not in EXPORT_FILES]
@@ -125,7 +143,11 @@ def build_package(
         write_json(root / PREPROCESSING, md.preprocessing.to_dict())
         net = md.network()
         example = torch.rand(2, 3, md.preprocessing.image_size, md.preprocessing.image_size)
-        recorded = {fmt: _export(fmt, net, example, root / EXPORT_FILES[fmt]) for fmt in exports}
+        source = calibration or run_data(run_dir)
+        images = None
+        if exports and source is not None:
+            images = check_images(source, md.preprocessing, md.class_names, calibration_size=calibration_size)
+        recorded = {fmt: _export(fmt, net, example, root / EXPORT_FILES[fmt], images) for fmt in exports}
         write_code(root / "code", runtime)
         files = sorted(p for p in root.rglob("*") if p.is_file())
         write_json(
@@ -158,24 +180,19 @@ def _normalise_member(info: tarfile.TarInfo) -> tarfile.TarInfo:
     return info
 
 
-def _export(fmt: str, net: torch.nn.Module, example: torch.Tensor, path: Path) -> dict[str, Any]:
-    """Export ``net`` and check the export's logits against eager on ``example``."""
-    with torch.inference_mode():
-        expected = net(example)
+def _export(fmt: str, net: torch.nn.Module, example: torch.Tensor, path: Path, images: CheckImages | None) -> dict:
+    """Export ``net`` to ``path`` and check the export, loaded as serving loads it, against eager."""
     if fmt == "export":
         # the batch dimension stays dynamic: the endpoint batches 1 to max_batch_size images
         program = torch.export.export(net, (example,), dynamic_shapes=({0: torch.export.Dim.DYNAMIC},))
         torch.export.save(program, str(path))
-        with torch.inference_mode():
-            got = torch.export.load(str(path)).module()(example)
         info: dict[str, Any] = {"file": path.name}
     elif fmt == "torchscript":
         with torch.no_grad(), warnings.catch_warnings():  # torch 2.9+ flags TorchScript as deprecated
             warnings.simplefilter("ignore")
             torch.jit.save(torch.jit.freeze(torch.jit.trace(net, example)), str(path))
-            got = torch.jit.load(str(path), map_location="cpu")(example)
         info = {"file": path.name}
-    else:
+    elif fmt == "onnx":
         buffer = io.BytesIO()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -185,17 +202,84 @@ def _export(fmt: str, net: torch.nn.Module, example: torch.Tensor, path: Path) -
             )  # fmt: skip
         path.write_bytes(buffer.getvalue())
         info = {"file": path.name, "opset": ONNX_OPSET}
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            log.warning("onnxruntime is not installed: %s was not checked against eager.", path.name)
-            return info
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        got = torch.from_numpy(session.run(None, {"pixels": example.numpy()})[0])
-    diff = float((got - expected).abs().max())
-    if diff > 1e-3 * max(1.0, float(expected.abs().max())):
-        raise RuntimeError(f"the {fmt} export differs from eager by {diff:.3g} in the logits; not packaging it.")
-    return {**info, "max_abs_diff": diff}
+    else:
+        info = {"file": path.name, **_openvino_export(fmt, net, example, path, images)}
+    try:
+        forward = exported_forward(fmt, path)
+    except ImportError as err:
+        log.warning("%s was not checked against eager: %s", path.name, err)
+        return info
+    with torch.inference_mode():
+        expected, got = net(example), forward(example)
+    if fmt != "openvino-int8":  # quantised logits differ by design: INT8 is held to its answers instead
+        diff = float((got - expected).abs().max())
+        if diff > 1e-3 * max(1.0, float(expected.abs().max())):
+            raise RuntimeError(f"the {fmt} export differs from eager by {diff:.3g} in the logits; not packaging it.")
+        info["max_abs_diff"] = diff
+    if images is not None:
+        info["held_out"] = _held_out_check(fmt, net, forward, images)
+    return info
+
+
+def _openvino_export(
+    fmt: str, net: torch.nn.Module, example: torch.Tensor, path: Path, images: CheckImages | None
+) -> dict[str, Any]:
+    """Convert ``net`` to OpenVINO IR (``.xml`` + ``.bin``); for INT8, quantise it on the calibration images."""
+    try:
+        import openvino as ov
+    except ImportError:
+        raise ValueError(f"--export {fmt} needs OpenVINO: pip install -e '.[openvino]'.") from None
+    size = example.shape[-1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = ov.convert_model(net, example_input=example, input=[ov.PartialShape([-1, 3, size, size])])
+    info: dict[str, Any] = {}
+    if fmt == "openvino-int8":
+        import nncf
+
+        if images is None:
+            raise ValueError(
+                "--export openvino-int8 calibrates on the run's training images, which this run dir does not name "
+                "(no data-report.json, or its folder is gone): give --calibration DIR, a folder of them."
+            )
+        batches = [images.calibration[i : i + 1].numpy() for i in range(len(images.calibration))]
+        model = nncf.quantize(model, nncf.Dataset(batches), subset_size=len(batches))
+        info = {"calibration": {"source": str(images.source), "images": len(batches)}}
+    ov.save_model(model, str(path), compress_to_fp16=False)
+    return info
+
+
+def _held_out_check(
+    fmt: str, net: torch.nn.Module, forward: Callable[[torch.Tensor], torch.Tensor], images: CheckImages
+) -> dict[str, Any]:
+    """Top-1 agreement with eager, the largest probability difference and, where the images' classes are known,
+    both accuracies, on images the export was not calibrated on; refuse the export beyond its bound."""
+    with torch.inference_mode():
+        chunks = images.held_out.split(32)
+        want = torch.cat([net(chunk) for chunk in chunks]).softmax(1)
+        got = torch.cat([forward(chunk) for chunk in chunks]).float().softmax(1)
+    result: dict[str, Any] = {
+        "images": len(want),
+        "top1_agreement": float((want.argmax(1) == got.argmax(1)).float().mean()),
+        "max_probability_diff": float((got - want).abs().max()),
+    }
+    if images.labels is not None:
+        result["accuracy_eager"] = float((want.argmax(1) == images.labels).float().mean())
+        result["accuracy"] = float((got.argmax(1) == images.labels).float().mean())
+    if fmt == "openvino-int8" and "accuracy" in result:
+        allowed = max(MAX_INT8_ACCURACY_LOSS, 1 / result["images"])  # one image at least, on a small check set
+        if result["accuracy"] < result["accuracy_eager"] - allowed:
+            raise RuntimeError(
+                f"INT8 answers {result['accuracy']:.3f} of the {result['images']} held-out images right, eager "
+                f"{result['accuracy_eager']:.3f}: more than {allowed:.3f} lost; not packaging it. Calibrate on "
+                "more images (--calibration-size) or package openvino (FP32)."
+            )
+    elif result["top1_agreement"] < (MIN_INT8_AGREEMENT if fmt == "openvino-int8" else MIN_AGREEMENT):
+        raise RuntimeError(
+            f"the {fmt} export agrees with eager on the top class of {result['top1_agreement']:.1%} of "
+            f"{result['images']} held-out images; not packaging it."
+        )
+    return result
 
 
 def write_code(code: Path, runtime: str) -> None:
@@ -216,8 +300,7 @@ def write_code(code: Path, runtime: str) -> None:
         "# The stock SageMaker PyTorch container (>= 2.1) provides torch, torchvision, pillow and numpy;",
         "# the dogbreed modules the handlers need are shipped in this code/ folder.",
     ]
-    if runtime == "onnx":
-        requirements.append("onnxruntime>=1.16")
+    requirements += RUNTIME_REQUIREMENTS.get(runtime, [])
     (code / "requirements.txt").write_text("\n".join(requirements) + "\n")
 
 
@@ -362,10 +445,19 @@ def main(argv: list[str] | None = None) -> None:
         "--runtime", choices=RUNTIMES, help="what the endpoint runs (default: first export, else eager)"
     )
     parser.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, help="classes per answer unless asked otherwise")
+    parser.add_argument(
+        "--calibration", help="images that calibrate INT8 and check every export (default: the run's own data)"
+    )
+    parser.add_argument(
+        "--calibration-size", type=int, default=CALIBRATION_SIZE, help="training images INT8 is calibrated on"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        path = build_package(args.run_dir, args.output, exports=args.export, runtime=args.runtime, top_k=args.top_k)
+        path = build_package(
+            args.run_dir, args.output, exports=args.export, runtime=args.runtime, top_k=args.top_k,
+            calibration=args.calibration, calibration_size=args.calibration_size,
+        )  # fmt: skip
     except (FileNotFoundError, ValueError) as err:
         parser.exit(2, f"error: {err}\n")
     print(path)

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import pickle
+import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -31,17 +32,28 @@ __all__ = [
     "EXPORT_FILES",
     "PACKAGE_MANIFEST",
     "RUNTIMES",
+    "RUNTIME_REQUIREMENTS",
     "DogBreedModel",
+    "exported_forward",
     "load_model",
+    "openvino_forward",
     "read_manifest",
 ]
 
 log = logging.getLogger(__name__)
 
 PACKAGE_MANIFEST = "package.json"
-RUNTIMES = ("eager", "export", "torchscript", "onnx")
-# export: torch.export's ExportedProgram (.pt2), TorchScript's successor; TorchScript is deprecated since torch 2.11
-EXPORT_FILES = {"export": "model.pt2", "torchscript": "model.ts", "onnx": "model.onnx"}
+RUNTIMES = ("eager", "export", "openvino", "openvino-int8", "torchscript", "onnx")
+# export: torch.export's ExportedProgram (.pt2), TorchScript's successor; TorchScript is deprecated since torch 2.11.
+# openvino(-int8): OpenVINO IR (.xml + .bin), FP32 or post-training quantised to INT8
+EXPORT_FILES = {
+    "export": "model.pt2", "openvino": "model.xml", "openvino-int8": "model-int8.xml", "torchscript": "model.ts",
+    "onnx": "model.onnx",
+}  # fmt: skip
+# what each runtime needs beyond the stock SageMaker PyTorch container (the package's code/requirements.txt)
+RUNTIME_REQUIREMENTS = {
+    "onnx": ["onnxruntime>=1.16"], "openvino": ["openvino>=2026.4,<2027"], "openvino-int8": ["openvino>=2026.4,<2027"],
+}  # fmt: skip
 DEFAULT_TOP_K = 5
 
 
@@ -186,20 +198,9 @@ def load_model(
         # oneDNN's convolutions run faster on NHWC tensors, by about 20% at batch 16 on CPU.
         net = md.network().to(device, memory_format=torch.channels_last)
         forward = _eager_forward(net, device, channels_last=True)
-    elif runtime == "export":
-        program = torch.export.load(str(model_dir / EXPORT_FILES["export"])).module().to(device)
-        forward = _eager_forward(program, device)
-    elif runtime == "torchscript":
-        log.warning(
-            "%s: TorchScript is deprecated since torch 2.11 and may stop loading; rebuild the package with "
-            "`dogbreed-package RUN_DIR --export export` (torch.export) or --export onnx.",
-            model_dir,
-        )
-        scripted = torch.jit.load(str(model_dir / EXPORT_FILES["torchscript"]), map_location=device)
-        forward = _eager_forward(scripted, device)
     else:
-        forward = _onnx_forward(model_dir / EXPORT_FILES["onnx"], num_threads)
-    where = device if runtime != "onnx" else "cpu"
+        forward = exported_forward(runtime, model_dir / EXPORT_FILES[runtime], device=device, num_threads=num_threads)
+    where = device if runtime in ("eager", "export", "torchscript") else "cpu"
     log.info(
         "Loaded %s (%s, %d classes, %s runtime on %s)", model_dir, md.backbone, len(md.class_names), runtime, where
     )
@@ -225,6 +226,25 @@ def _eager_forward(
     return forward
 
 
+def exported_forward(
+    runtime: str, path: Path, *, device: torch.device | None = None, num_threads: int | None = None
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The forward function of an exported model file: what :func:`load_model` serves and the packager checks."""
+    device = device or torch.device("cpu")
+    if runtime == "export":
+        return _eager_forward(torch.export.load(str(path)).module().to(device), device)
+    if runtime == "torchscript":
+        log.warning(
+            "%s: TorchScript is deprecated since torch 2.11 and may stop loading; rebuild the package with "
+            "`dogbreed-package RUN_DIR --export export` (torch.export), --export onnx or --export openvino.",
+            path,
+        )
+        return _eager_forward(torch.jit.load(str(path), map_location=device), device)
+    if runtime == "onnx":
+        return _onnx_forward(path, num_threads)
+    return openvino_forward(path, num_threads)
+
+
 def _onnx_forward(path: Path, num_threads: int | None) -> Callable[[torch.Tensor], torch.Tensor]:
     try:
         import onnxruntime as ort
@@ -241,5 +261,28 @@ def _onnx_forward(path: Path, num_threads: int | None) -> Callable[[torch.Tensor
 
     def forward(pixels: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(session.run(None, {name: pixels.numpy()})[0])
+
+    return forward
+
+
+def openvino_forward(path: Path, num_threads: int | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """An OpenVINO IR compiled for the CPU, computing in FP32 wherever it is not quantised (no silent bf16)."""
+    try:
+        import openvino as ov
+    except ImportError:
+        raise ImportError(
+            f"{path.name} needs OpenVINO, which is not installed: `pip install openvino` (the package's "
+            "code/requirements.txt lists it for SageMaker), or set DOGBREED_RUNTIME=eager."
+        ) from None
+    config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32"}
+    if num_threads:
+        config["INFERENCE_NUM_THREADS"] = num_threads
+    compiled = ov.Core().compile_model(str(path), "CPU", config)
+    request = compiled.create_infer_request()
+    lock = threading.Lock()  # one infer request: the server's inference thread, or a prediction loop
+
+    def forward(pixels: torch.Tensor) -> torch.Tensor:
+        with lock:
+            return torch.from_numpy(request.infer([pixels.numpy()])[0].copy())
 
     return forward
