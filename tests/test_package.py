@@ -119,7 +119,7 @@ def test_exports_round_trip(tiny_model_dir: Path, tmp_path: Path, monkeypatch: p
 
 @pytest.mark.slow
 def test_openvino_fp32_and_int8_are_calibrated_checked_and_served(
-    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """INT8 is calibrated on the training split and held to its accuracy on the validation split; both serve."""
     data = write_image_folder(tmp_path / "data", classes=TINY_BREEDS, counts={"train": 4, "valid": 3})
@@ -145,8 +145,12 @@ def test_openvino_fp32_and_int8_are_calibrated_checked_and_served(
     with pytest.raises(ValueError, match="--calibration DIR"):
         build_package(tiny_model_dir, tmp_path / "no.tar.gz", exports=["openvino-int8"])
     monkeypatch.setattr(packaging, "MIN_AGREEMENT", 1.01)  # an export that answers otherwise is refused
-    with pytest.raises(RuntimeError, match=r"agrees with eager on the top class of 100\.0% of 30 held-out images"):
-        build_package(tiny_model_dir, tmp_path / "no.tar.gz", exports=["export"], calibration=data)
+    with pytest.raises(SystemExit) as info:
+        main([str(tiny_model_dir), "-o", str(tmp_path / "no.tar.gz"), "--export", "export", "--calibration", str(data)])
+    assert info.value.code == 2 and not (tmp_path / "no.tar.gz").exists()
+    error = capsys.readouterr().err
+    assert "agrees with eager on the top class of 100.0% of 30 held-out images; not packaging it" in error
+    assert "Traceback" not in error
 
 
 def test_package_cli_errors(tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:

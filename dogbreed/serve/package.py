@@ -79,6 +79,10 @@ __all__ = ["model_fn", "transform_fn"]
 '''
 
 
+class ExportRefused(RuntimeError):
+    """An export that answers otherwise than eager beyond its bound: the package is not written."""
+
+
 class UnsafeArchiveError(ValueError):
     """An archive member would land outside the target directory or is not a regular file or folder."""
 
@@ -214,7 +218,7 @@ def _export(fmt: str, net: torch.nn.Module, example: torch.Tensor, path: Path, i
     if fmt != "openvino-int8":  # quantised logits differ by design: INT8 is held to its answers instead
         diff = float((got - expected).abs().max())
         if diff > 1e-3 * max(1.0, float(expected.abs().max())):
-            raise RuntimeError(f"the {fmt} export differs from eager by {diff:.3g} in the logits; not packaging it.")
+            raise ExportRefused(f"the {fmt} export differs from eager by {diff:.3g} in the logits; not packaging it.")
         info["max_abs_diff"] = diff
     if images is not None:
         info["held_out"] = _held_out_check(fmt, net, forward, images)
@@ -269,13 +273,13 @@ def _held_out_check(
     if fmt == "openvino-int8" and "accuracy" in result:
         allowed = max(MAX_INT8_ACCURACY_LOSS, 1 / result["images"])  # one image at least, on a small check set
         if result["accuracy"] < result["accuracy_eager"] - allowed:
-            raise RuntimeError(
+            raise ExportRefused(
                 f"INT8 answers {result['accuracy']:.3f} of the {result['images']} held-out images right, eager "
                 f"{result['accuracy_eager']:.3f}: more than {allowed:.3f} lost; not packaging it. Calibrate on "
                 "more images (--calibration-size) or package openvino (FP32)."
             )
     elif result["top1_agreement"] < (MIN_INT8_AGREEMENT if fmt == "openvino-int8" else MIN_AGREEMENT):
-        raise RuntimeError(
+        raise ExportRefused(
             f"the {fmt} export agrees with eager on the top class of {result['top1_agreement']:.1%} of "
             f"{result['images']} held-out images; not packaging it."
         )
@@ -458,6 +462,6 @@ def main(argv: list[str] | None = None) -> None:
             args.run_dir, args.output, exports=args.export, runtime=args.runtime, top_k=args.top_k,
             calibration=args.calibration, calibration_size=args.calibration_size,
         )  # fmt: skip
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError, ExportRefused) as err:
         parser.exit(2, f"error: {err}\n")
     print(path)
