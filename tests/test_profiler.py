@@ -133,11 +133,14 @@ def test_system_monitor_sampled_the_demo(debug_demo_run: Path) -> None:
 
 def test_system_monitor_without_nvml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(__import__("sys").modules, "pynvml", None)  # as if nvidia-ml-py were not installed
-    monitor = SystemMonitor(tmp_path / "system.jsonl", interval=0.05)
+    path = tmp_path / "system.jsonl"
+    monitor = SystemMonitor(path, interval=0.05)
     monitor.start()
-    time.sleep(0.3)
+    deadline = time.monotonic() + 30  # a sample takes longer than the interval on a busy machine (CI failed at 0.3 s)
+    while time.monotonic() < deadline and (not path.exists() or len(path.read_text().splitlines()) < 2):
+        time.sleep(0.05)
     monitor.stop()
-    samples = [json.loads(line) for line in (tmp_path / "system.jsonl").read_text().splitlines()]
+    samples = [json.loads(line) for line in path.read_text().splitlines()]
     assert len(samples) >= 2 and all(s["gpus"] == [] for s in samples)
     assert not monitor.running
 
