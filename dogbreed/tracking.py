@@ -180,13 +180,10 @@ def study_parent_run(study: Any, *, experiment_name: str, tracking_uri: str | No
 
     ``params`` (the search space and tuning settings) are logged on the parent when it is created.
     """
-    from mlflow.tracking import MlflowClient
-
     existing = study.user_attrs.get(PARENT_RUN_ATTR)
     if existing:
         return existing
-    client = MlflowClient(tracking_uri)  # None: MLFLOW_TRACKING_URI, else MLflow's default
-    _quiet_header_plugin(client.tracking_uri)
+    client = _client(tracking_uri)
     experiment = client.get_experiment_by_name(experiment_name)
     experiment_id = experiment.experiment_id if experiment else client.create_experiment(experiment_name)
     tags = {"mlflow.runName": f"study {study.study_name}", "optuna.study": study.study_name}
@@ -205,10 +202,7 @@ def record_trial(study: Any, trial: Any, *, tracking_uri: str | None, tune_dir: 
     Pruned and failed trials end as MLflow runs ``KILLED`` and ``FAILED`` (Lightning's logger marks a run that
     raised, as a pruned trial does, ``FAILED`` first).
     """
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri)  # None: MLFLOW_TRACKING_URI, else MLflow's default
-    _quiet_header_plugin(client.tracking_uri)
+    client = _client(tracking_uri)
     if child := _run_id(trial_dir(tune_dir, trial.number)):
         client.set_tag(child, TRIAL_TAG, str(trial.number))
         client.set_tag(child, TRIAL_STATE_TAG, trial.state.name)
@@ -220,6 +214,15 @@ def record_trial(study: Any, trial: Any, *, tracking_uri: str | None, tune_dir: 
         client.set_tag(parent, "best_value", repr(best.value))
         if best_run := _run_id(trial_dir(tune_dir, best.number)):
             client.set_tag(parent, "best_run_id", best_run)
+
+
+def _client(tracking_uri: str | None) -> Any:
+    """An ``MlflowClient`` of ``tracking_uri`` (None: ``MLFLOW_TRACKING_URI``, else MLflow's default)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    _quiet_header_plugin(client.tracking_uri)
+    return client
 
 
 def _run_id(run_dir: Path) -> str | None:

@@ -78,7 +78,8 @@ def check_images(
     transform = preprocessing.eval_transform()
 
     def tensors(paths: list[Path]) -> torch.Tensor:
-        return torch.stack([transform(load_rgb(path)) for path in paths])
+        size = preprocessing.image_size
+        return torch.stack([transform(load_rgb(path)) for path in paths]) if paths else torch.empty(0, 3, size, size)
 
     labels = None
     if held_split is not None:

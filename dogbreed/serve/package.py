@@ -5,8 +5,9 @@ Layout (what SageMaker's PyTorch serving container expects, at the archive root)
     model.pt  model_config.json  classes.json  preprocessing.json   (as the run's model/ dir wrote them)
     package.json                 runtime, exports, top_k, versions, sha256 of every file
     model.pt2 | model.onnx       optional torch.export / ONNX exports (--export); model.ts: TorchScript (deprecated)
+    model.xml | model-int8.xml   optional OpenVINO IR, FP32 / INT8 (with its .bin)
     code/inference.py            re-exports the handlers of dogbreed.serve.handlers
-    code/requirements.txt        nothing for eager, export and TorchScript; onnxruntime for the ONNX runtime
+    code/requirements.txt        what the runtime needs beyond the container: onnxruntime, openvino, or nothing
     code/dogbreed/...            the handlers' import closure, computed from the code (:func:`served_modules`)
                                  and copied byte for byte from this install; its packages' __init__.py are stubs
 
@@ -114,8 +115,8 @@ def build_package(
     Args:
         run_dir: A training run dir (or its ``model/`` dir).
         output: Archive to write (replaced atomically).
-        exports: Extra formats to export, from ``export`` (``torch.export``), ``onnx`` and ``torchscript``
-            (deprecated); each is checked against eager.
+        exports: Extra formats to export, from ``export`` (``torch.export``), ``onnx``, ``openvino``,
+            ``openvino-int8`` and ``torchscript`` (deprecated); each is checked against eager.
         runtime: What the endpoint runs: ``eager`` or one of ``exports``; defaults to the first export.
         top_k: Classes returned per image unless a request asks otherwise.
         calibration: Images that calibrate INT8 and check every export (the dogImages layout, or any folder of
@@ -149,8 +150,9 @@ def build_package(
         example = torch.rand(2, 3, md.preprocessing.image_size, md.preprocessing.image_size)
         source = calibration or run_data(run_dir)
         images = None
-        if exports and source is not None:
-            images = check_images(source, md.preprocessing, md.class_names, calibration_size=calibration_size)
+        if exports and source is not None:  # calibration images are decoded only for INT8
+            size = calibration_size if "openvino-int8" in exports else 0
+            images = check_images(source, md.preprocessing, md.class_names, calibration_size=size)
         recorded = {fmt: _export(fmt, net, example, root / EXPORT_FILES[fmt], images) for fmt in exports}
         write_code(root / "code", runtime)
         files = sorted(p for p in root.rglob("*") if p.is_file())
@@ -233,6 +235,11 @@ def _openvino_export(
         import openvino as ov
     except ImportError:
         raise ValueError(f"--export {fmt} needs OpenVINO: pip install -e '.[openvino]'.") from None
+    if fmt == "openvino-int8" and images is None:
+        raise ValueError(
+            "--export openvino-int8 calibrates on the run's training images, which this run dir does not name "
+            "(no data-report.json, or its folder is gone): give --calibration DIR, a folder of them."
+        )
     size = example.shape[-1]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -241,11 +248,6 @@ def _openvino_export(
     if fmt == "openvino-int8":
         import nncf
 
-        if images is None:
-            raise ValueError(
-                "--export openvino-int8 calibrates on the run's training images, which this run dir does not name "
-                "(no data-report.json, or its folder is gone): give --calibration DIR, a folder of them."
-            )
         batches = [images.calibration[i : i + 1].numpy() for i in range(len(images.calibration))]
         model = nncf.quantize(model, nncf.Dataset(batches), subset_size=len(batches))
         info = {"calibration": {"source": str(images.source), "images": len(batches)}}

@@ -1,5 +1,5 @@
 """The model runtime: load a model package or a run's ``model/`` dir; run it eager, exported (``torch.export``),
-TorchScript (deprecated; packages made earlier) or ONNX Runtime.
+with OpenVINO (FP32 or INT8), ONNX Runtime or TorchScript (deprecated; packages made earlier).
 
 One home for what a loaded model is and does (preprocess, predict, explain), shared by the SageMaker handlers
 (:mod:`dogbreed.serve.handlers`), the local server and batch prediction. It reads requests only as decoded
@@ -36,7 +36,6 @@ __all__ = [
     "DogBreedModel",
     "exported_forward",
     "load_model",
-    "openvino_forward",
     "read_manifest",
 ]
 
@@ -51,14 +50,13 @@ EXPORT_FILES = {
     "onnx": "model.onnx",
 }  # fmt: skip
 # what each runtime needs beyond the stock SageMaker PyTorch container (the package's code/requirements.txt)
-RUNTIME_REQUIREMENTS = {
-    "onnx": ["onnxruntime>=1.16"], "openvino": ["openvino>=2026.4,<2027"], "openvino-int8": ["openvino>=2026.4,<2027"],
-}  # fmt: skip
+_OPENVINO = ["openvino>=2026.4,<2027"]
+RUNTIME_REQUIREMENTS = {"onnx": ["onnxruntime>=1.16"], "openvino": _OPENVINO, "openvino-int8": _OPENVINO}
 DEFAULT_TOP_K = 5
 
 
 class DogBreedModel:
-    """What ``model_fn`` returns: a forward function (eager, export, TorchScript or ONNX Runtime) plus its metadata.
+    """What ``model_fn`` returns: a forward function (any of :data:`RUNTIMES`) plus its metadata.
 
     ``net`` is the eager network behind ``forward`` (``None`` for the other runtimes): Grad-CAM needs it.
     """
@@ -242,7 +240,7 @@ def exported_forward(
         return _eager_forward(torch.jit.load(str(path), map_location=device), device)
     if runtime == "onnx":
         return _onnx_forward(path, num_threads)
-    return openvino_forward(path, num_threads)
+    return _openvino_forward(path, num_threads)
 
 
 def _onnx_forward(path: Path, num_threads: int | None) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -265,7 +263,7 @@ def _onnx_forward(path: Path, num_threads: int | None) -> Callable[[torch.Tensor
     return forward
 
 
-def openvino_forward(path: Path, num_threads: int | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+def _openvino_forward(path: Path, num_threads: int | None) -> Callable[[torch.Tensor], torch.Tensor]:
     """An OpenVINO IR compiled for the CPU, computing in FP32 wherever it is not quantised (no silent bf16)."""
     try:
         import openvino as ov
