@@ -37,7 +37,7 @@ from dogbreed.artifacts import write_confusion_csv
 from dogbreed.data.layout import IMAGE_EXTENSIONS, NUMBERED_CLASS_FOLDER, display_name
 from dogbreed.serve.codec import ACCEPTED_INPUT, InferenceError, Limits, Prediction, decode_image, format_predictions
 from dogbreed.serve.package import extract_package, find_model_dir
-from dogbreed.serve.runtime import RUNTIMES, DogBreedModel, load_model
+from dogbreed.serve.runtime import RUNTIME_CHOICES, DogBreedModel, load_model
 
 __all__ = ["FORMATS", "PredictError", "Result", "Summary", "list_inputs", "open_model", "predict", "predict_to_file"]
 
@@ -408,7 +408,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--top-k", type=int, help="classes per image (default: the package's, 5)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: DOGBREED_DEVICE, else CUDA if available)")
-    parser.add_argument("--runtime", choices=RUNTIMES, help="override the runtime the package recorded")
+    parser.add_argument(
+        "--runtime",
+        choices=RUNTIME_CHOICES,
+        help="override the runtime the package recorded (auto: the fastest it carries)",
+    )
     parser.add_argument("--workers", type=int, help="threads decoding images (default: up to 4 CPUs)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

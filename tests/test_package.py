@@ -6,12 +6,14 @@ import io
 import json
 import subprocess
 import tarfile
+from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
 import torch
 
 from dogbreed.serve import package as packaging
+from dogbreed.serve import runtime as runtime_module
 from dogbreed.serve.handlers import input_fn, model_fn, output_fn, predict_fn
 from dogbreed.serve.package import UnsafeArchiveError, build_package, extract_package, main, served_modules
 
@@ -115,6 +117,10 @@ def test_exports_round_trip(tiny_model_dir: Path, tmp_path: Path, monkeypatch: p
         got = answer(root)["predictions"]
         assert [p["index"] for p in got] == [p["index"] for p in eager]
         assert [p["probability"] for p in got] == pytest.approx([p["probability"] for p in eager], abs=1e-4)
+    monkeypatch.setenv("DOGBREED_RUNTIME", "auto")  # the fastest the package carries and this Python runs
+    assert model_fn(str(root)).runtime == "onnx"
+    monkeypatch.setattr(runtime_module, "find_spec", lambda name: None if name == "onnxruntime" else find_spec(name))
+    assert model_fn(str(root)).runtime == "eager"  # as fast as export (README's runtime table), and it explains
 
 
 @pytest.mark.slow
@@ -136,6 +142,8 @@ def test_openvino_fp32_and_int8_are_calibrated_checked_and_served(
     assert fp32["top1_agreement"] == 1.0 and fp32["max_probability_diff"] < 1e-4
     assert "openvino>=" in (root / "code" / "requirements.txt").read_text()
     eager = answer(tiny_model_dir)["predictions"]
+    assert model_fn(str(root)).runtime == "openvino-int8"
+    monkeypatch.setenv("DOGBREED_RUNTIME", "auto")
     assert model_fn(str(root)).runtime == "openvino-int8"
     assert answer(root)["predictions"][0]["label"] in TINY_BREEDS
     monkeypatch.setenv("DOGBREED_RUNTIME", "openvino")

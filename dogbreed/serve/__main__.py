@@ -21,7 +21,7 @@ from pathlib import Path
 from dogbreed._io import available_cpus
 from dogbreed.serve.codec import BYTES_PER_PIXEL, Limits
 from dogbreed.serve.package import extract_package, find_model_dir
-from dogbreed.serve.runtime import RUNTIMES, load_model
+from dogbreed.serve.runtime import RUNTIME_CHOICES, load_model
 from dogbreed.serve.server import ServerConfig, create_app
 
 log = logging.getLogger("dogbreed.serve")
@@ -38,7 +38,11 @@ def _parser(*, model_default: str | None, host_default: str, prog: str) -> argpa
     limits, config = Limits.from_env(), ServerConfig
     parser.add_argument("--host", default=host_default, help=f"interface to bind (default: {host_default})")
     parser.add_argument("--port", type=int, default=int(os.environ.get("SAGEMAKER_BIND_TO_PORT", 8080)))
-    parser.add_argument("--runtime", choices=RUNTIMES, help="override the runtime the package recorded")
+    parser.add_argument(
+        "--runtime",
+        choices=RUNTIME_CHOICES,
+        help="override the runtime the package recorded (auto: the fastest it carries)",
+    )
     parser.add_argument("--max-batch-size", type=int, default=config.max_batch_size, help="1 turns batching off")
     parser.add_argument("--max-delay-ms", type=float, default=config.max_delay_ms, help="longest wait to fill a batch")
     parser.add_argument("--max-body-mb", type=float, default=config.max_body_bytes / 2**20, help="request size limit")

@@ -15,6 +15,7 @@ import os
 import pickle
 import threading
 from collections.abc import Callable, Iterable
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ __all__ = [
     "EXPORT_FILES",
     "PACKAGE_MANIFEST",
     "RUNTIMES",
+    "RUNTIME_CHOICES",
     "RUNTIME_REQUIREMENTS",
     "DogBreedModel",
     "exported_forward",
@@ -52,6 +54,15 @@ EXPORT_FILES = {
 # what each runtime needs beyond the stock SageMaker PyTorch container (the package's code/requirements.txt)
 _OPENVINO = ["openvino>=2026.4,<2027"]
 RUNTIME_REQUIREMENTS = {"onnx": ["onnxruntime>=1.16"], "openvino": _OPENVINO, "openvino-int8": _OPENVINO}
+# `auto` serves the first runtime of this order that the package carries and this Python can import: fastest first
+# on a CPU (scripts/bench_serve.py's runtime table); eager before export, as fast and able to explain. On a GPU only
+# the torch runtimes run there, so those come first.
+AUTO_ORDER = {
+    "cpu": ("openvino-int8", "openvino", "onnx", "eager", "export", "torchscript"),
+    "cuda": ("eager", "export", "torchscript", "openvino-int8", "openvino", "onnx"),
+}
+RUNTIME_CHOICES = (*RUNTIMES, "auto")
+_RUNTIME_MODULES = {"onnx": "onnxruntime", "openvino": "openvino", "openvino-int8": "openvino"}
 DEFAULT_TOP_K = 5
 
 
@@ -163,7 +174,8 @@ def load_model(
     num_threads: int | None = None,
     device: str | torch.device | None = None,
 ) -> DogBreedModel:
-    """Load a model package or a run's ``model/`` dir with the runtime the package recorded (or ``runtime``).
+    """Load a model package or a run's ``model/`` dir with the runtime the package recorded (or ``runtime``;
+    ``auto``: :func:`auto_runtime`).
 
     Weights are read with ``weights_only=True``; nothing is unpickled. ``device`` (batch prediction's
     ``--device``) wins over ``DOGBREED_DEVICE``, which wins over CUDA when there is one.
@@ -171,9 +183,15 @@ def load_model(
     model_dir = Path(model_dir)
     manifest = read_manifest(model_dir)
     runtime = runtime or os.environ.get("DOGBREED_RUNTIME") or manifest.get("runtime", "eager")
-    if runtime not in RUNTIMES:
-        raise ValueError(f"runtime={runtime!r} is not one of {RUNTIMES}.")
+    if runtime not in RUNTIME_CHOICES:
+        raise ValueError(f"runtime={runtime!r} is not one of {RUNTIME_CHOICES}.")
     exported = manifest.get("exports", {})
+    # A GPU endpoint instance (ml.g4dn ...) runs eager, export and TorchScript on its GPU; DOGBREED_DEVICE overrides.
+    device = torch.device(
+        device or os.environ.get("DOGBREED_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    )
+    if runtime == "auto":
+        runtime = auto_runtime(exported, device)
     if runtime != "eager" and runtime not in exported:
         raise ValueError(
             f"{model_dir} has no {runtime} export (exports: {sorted(exported) or 'none'}); rebuild the package "
@@ -187,10 +205,6 @@ def load_model(
             f"{model_dir / MODEL_WEIGHTS} is not a state dict that loads with weights_only=True "
             f"({reason or str(err).splitlines()[0]}); rebuild the package with `python -m dogbreed.package`."
         ) from err
-    # A GPU endpoint instance (ml.g4dn ...) runs eager, export and TorchScript on its GPU; DOGBREED_DEVICE overrides.
-    device = torch.device(
-        device or os.environ.get("DOGBREED_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
-    )
     net = None  # only the eager runtime has a network to explain with
     if runtime == "eager":
         # oneDNN's convolutions run faster on NHWC tensors, by about 20% at batch 16 on CPU.
@@ -211,6 +225,18 @@ def load_model(
         net=net,
         test_time_flip=md.test_time_flip,
     )
+
+
+def auto_runtime(exports: Iterable[str], device: torch.device) -> str:
+    """The fastest runtime (:data:`AUTO_ORDER`) among ``exports`` and eager whose library this Python imports."""
+    carried = [r for r in AUTO_ORDER["cuda" if device.type == "cuda" else "cpu"] if r in {"eager", *exports}]
+    runnable = [r for r in carried if r not in _RUNTIME_MODULES or find_spec(_RUNTIME_MODULES[r]) is not None]
+    missing = carried[: carried.index(runnable[0])]  # eager is always runnable
+    log.info(
+        "runtime auto: %s (carried: %s%s)", runnable[0], ", ".join(carried),
+        f"; not installed here: {', '.join(missing)}" if missing else "",
+    )  # fmt: skip
+    return runnable[0]
 
 
 def _eager_forward(
