@@ -161,8 +161,9 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[Callback] = ()) -> dict[str
                 Path(cfg.paths.output_dir) / METRICS,
             )
 
+    report = None
     if cfg.get("report", False) and trainer.is_global_zero:
-        report_run(cfg.paths.output_dir)
+        report = report_run(cfg.paths.output_dir)
     if trainer.is_global_zero:
         for tracker in (logger for logger in loggers if isinstance(logger, MLflowRunLogger)):
             tracker.log_run_dir(cfg.paths.output_dir, cfg.paths.model_dir, data_digest=datamodule.index.digest())
@@ -172,6 +173,12 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[Callback] = ()) -> dict[str
         objective = metrics.get(f"best_{objective_key}", metrics.get(objective_key))
         metrics["objective"] = objective
     log.info("Done in %.1f s", resume_state.wall_time_s)
+    if trainer.is_global_zero:  # where to look, and what a newcomer runs next
+        run_dir = cfg.paths.output_dir
+        log.info("Run dir: %s", run_dir)
+        log.info("Report:  %s", report or f"none (build it with: dogbreed report {run_dir})")
+        if cfg.get("test", True):
+            log.info("Next:    dogbreed package %s -o model.tar.gz && dogbreed serve model.tar.gz", run_dir)
     return metrics
 
 
