@@ -9,7 +9,6 @@ holds; the jobs are imported only once chosen, so ``dogbreed --help`` answers wi
 from __future__ import annotations
 
 import sys
-
 from collections.abc import Sequence
 from importlib import import_module
 from typing import NamedTuple

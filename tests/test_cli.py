@@ -3,12 +3,14 @@ same ``main`` as its ``dogbreed-*`` script, with the same arguments."""
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
+from omegaconf import DictConfig
 
 from dogbreed.cli import COMMANDS, main
 
@@ -97,3 +99,19 @@ def test_unknown_or_missing_command_is_one_line(capsys: pytest.CaptureFixture[st
         main([])
     assert exit_info.value.code == 2
     assert "usage: dogbreed COMMAND" in capsys.readouterr().err
+
+
+def test_training_run_ends_with_where_to_look(demo_cfg: DictConfig, caplog: pytest.LogCaptureFixture) -> None:
+    """A newcomer is told the run dir, the report and the command that packages the model."""
+    from dogbreed.train import train
+
+    with caplog.at_level(logging.INFO, logger="dogbreed.train"):
+        train(demo_cfg)
+    run_dir = demo_cfg.paths.output_dir
+    lines = [r.getMessage() for r in caplog.records if r.name == "dogbreed.train"]
+    assert lines[-3:] == [
+        f"Run dir: {run_dir}",
+        f"Report:  none (build it with: dogbreed report {run_dir})",  # the small config turns the report off
+        f"Next:    dogbreed package {run_dir} -o model.tar.gz && dogbreed serve model.tar.gz",
+    ]
+    assert (Path(run_dir) / "model" / "model.pt").is_file()
