@@ -8,9 +8,15 @@ gives the test accuracy on the official 10,000 test images and the run's wall ti
     python scripts/bench_accuracy.py --transfer --seeds 1 2 3   # ImageNet MobileNetV2 vs random init, 100/class
     python scripts/bench_accuracy.py --ablate --quick   # the recipe, then each of its additions switched off
     python scripts/bench_accuracy.py --checkpoint RUN/checkpoints/epoch_014.ckpt   # test-time additions only
+    python scripts/bench_accuracy.py --runtimes --quick  # each serving runtime's accuracy (--run RUN_DIR: a run's)
 
 Every accuracy run also tests its best checkpoint again with each test-time addition (flip, EMA weights)
 switched off: their effect on the same weights, without retraining.
+
+``--runtimes`` packages a run's model with every export (``torch.export``, ONNX, OpenVINO FP32 and INT8, INT8
+calibrated on the run's own training images) and scores each runtime on the whole official test set through the
+serving path (the package's preprocessing, ``predict`` with its test-time flip), beside eager on the same images:
+its accuracy, the points it loses and its top-1 agreement with eager. The goal for INT8 is at most 0.5 points lost.
 
 ``--transfer`` fine-tunes torchvision's MobileNetV2 from the ImageNet weights in ``../shared/weights/`` (or
 ``--weights``) and from random initialisation, with the same recipe and epochs, on 100 training images per
@@ -30,6 +36,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from dogbreed._io import available_cpus
+from dogbreed.data.layout import IMAGE_EXTENSIONS, display_name
+from dogbreed.serve.calibration import CALIBRATION_SIZE, run_data
+from dogbreed.serve.package import build_package, extract_package
+from dogbreed.serve.runtime import load_model
+from dogbreed.transforms import load_rgb
 
 # zalandoresearch/fashion-mnist README, "Benchmark": test accuracy of the best-known results
 PUBLISHED = (
@@ -170,6 +183,51 @@ def ablate(args: argparse.Namespace, out_root: Path) -> None:
         print(f"| {name} | {result['acc']:.4f} | {100 * (result['acc'] - recipe['acc']):+.2f} points |")
 
 
+def runtimes(args: argparse.Namespace, out_root: Path) -> None:
+    """Each runtime's test accuracy on the full test set, from one run's package, beside eager's."""
+    run_dir = args.run
+    if run_dir is None:
+        overrides, _ = recipe_overrides(args)
+        train("runtimes", [*overrides, "report=false", *args.overrides], out_root)
+        run_dir = out_root / "runtimes"
+    data = run_data(run_dir)
+    if data is None or not (data / "test").is_dir():
+        sys.exit(f"{run_dir}: its data-report.json names no staged dataset with a test/ split; give --run a run of "
+                 "experiment=fashion_mnist whose staged data is still on this machine.")  # fmt: skip
+    exports = ["export", "onnx", "openvino", "openvino-int8"]
+    package = build_package(
+        run_dir, out_root / "model.tar.gz", exports=exports, runtime="eager", calibration_size=args.calibration_size
+    )
+    unpacked = extract_package(package, out_root / "package")
+    held_out = json.loads((unpacked / "package.json").read_text())["exports"]
+    eager = load_model(unpacked, runtime="eager", num_threads=available_cpus())
+    index = {name: i for i, name in enumerate(eager.class_names)}
+    images = sorted(p for p in (data / "test").glob("*/*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if args.test_images:  # evenly spaced over the sorted folders: every class, for a smoke test
+        images = images[:: max(1, len(images) // args.test_images)][: args.test_images]
+    labels = torch.tensor([index[display_name(path.parent.name)] for path in images])
+    pixels = eager.preprocess(load_rgb(path) for path in images)
+    print(f"\n{run_dir}: {len(images)} test images of {data / 'test'}, through the serving path")
+    predictions = {}
+    for runtime in ["eager", *exports]:
+        model = eager if runtime == "eager" else load_model(unpacked, runtime=runtime, num_threads=available_cpus())
+        predictions[runtime] = torch.cat([model.predict(batch).argmax(1) for batch in pixels.split(256)])
+    base = (predictions["eager"] == labels).float().mean().item()
+    metrics = json.loads((Path(run_dir) / "metrics.json").read_text())
+    print(f"\nLightning's test loop on the best checkpoint: test/acc {metrics['test/acc']:.4f}")
+    print("\n| runtime | test acc | vs eager | top-1 agreement with eager | held-out check at package time |")
+    print("|---|---|---|---|---|")
+    for runtime, predicted in predictions.items():
+        acc = (predicted == labels).float().mean().item()
+        agreement = (predicted == predictions["eager"]).float().mean().item()
+        check = held_out.get(runtime, {}).get("held_out", {})
+        recorded = f"agreement {check['top1_agreement']:.3f} on {check['images']} images" if check else ""
+        print(f"| `{runtime}` | {acc:.4f} | {100 * (acc - base):+.2f} points | {agreement:.4f} | {recorded} |")
+    lost = 100 * (base - (predictions["openvino-int8"] == labels).float().mean().item())
+    print(f"\nINT8 loses {lost:.2f} points of test accuracy against eager (goal <= 0.5): "
+          f"{'meets' if lost <= 0.5 else 'misses'} it")  # fmt: skip
+
+
 def transfer(args: argparse.Namespace, out_root: Path) -> None:
     weights = Path(args.weights).resolve()
     if not weights.is_file():
@@ -199,6 +257,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="500 images per class and 3 epochs")
     parser.add_argument("--transfer", action="store_true", help="ImageNet MobileNetV2 vs random init, 100/class")
+    parser.add_argument("--runtimes", action="store_true", help="each serving runtime's test accuracy beside eager's")
+    parser.add_argument("--run", type=Path, help="--runtimes: an experiment=fashion_mnist run dir (default: train one)")
+    parser.add_argument("--calibration-size", type=int, default=CALIBRATION_SIZE, help="--runtimes: INT8 images")
+    parser.add_argument("--test-images", type=int, help="--runtimes: score this many test images (default: all)")
     parser.add_argument("--ablate", action="store_true", help="the recipe, then each addition switched off")
     parser.add_argument("--checkpoint", type=Path, help="test this checkpoint, then without each test-time addition")
     parser.add_argument("--train-per-class", type=int, help="training images per class (default: all)")
@@ -209,7 +271,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="keep the run directories here (default: a temporary folder)")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     args = parser.parse_args()
-    run = transfer if args.transfer else ablate if args.ablate else checkpoint if args.checkpoint else accuracy
+    modes = (
+        (args.transfer, transfer), (args.runtimes, runtimes), (args.ablate, ablate), (args.checkpoint, checkpoint)
+    )  # fmt: skip
+    run = next((mode for wanted, mode in modes if wanted), accuracy)
     if args.out:
         run(args, args.out)
         return

@@ -1,17 +1,18 @@
-"""Benchmark the endpoint against the bare model on one model and print the ratios of the serving goals.
+"""Benchmark every runtime a package can carry, bare and behind the endpoint, on one model, in one run.
 
-    flock /tmp/dogbreed-bench.lock python scripts/bench_serve.py [--model RUN_DIR] [--threads N] [--device cuda]
+    flock /tmp/dogbreed-bench.lock python scripts/bench_serve.py [--model RUN_DIR] [--threads 1 2] [--device cuda]
 
-Measures, in one run: the bare forward of every runtime the package can carry (eager, ``torch.export``, ONNX
-Runtime, OpenVINO FP32 and INT8 when ``openvino`` is installed) at batch 1 and 16, as ratios to eager; HTTP
-``/invocations`` p50/p99 at
-concurrency 1 (a real photo, decoded and preprocessed by the server) with dynamic batching on and off;
-throughput and p99 at concurrency 16 with batching on and off; ONNX Runtime against eager at batch 1 (bare,
-and over HTTP). Goals on CPU: HTTP p50 <= 1.2x the bare forward; batching >= 2x the unbatched throughput at
-concurrency 16 (>= 3x on a GPU); ONNX Runtime >= 1.5x eager at batch 1. Eager runs where the server would (the
-GPU when there is one; ``--device`` sets ``DOGBREED_DEVICE`` for this process and the servers); ONNX Runtime
-always runs on the CPU. Without ``--model`` it uses a randomly initialised ResNet-18 at 224 px with 133
-classes: the shape and cost of the real dog-breed model.
+For each thread count (default: 1 and all cores) and each runtime (eager, ``torch.export``, ONNX Runtime, and
+OpenVINO FP32 and INT8 when ``openvino`` is installed), one table row: the bare forward at batch 1 and 16; HTTP
+``/invocations`` p50/p99 at concurrency 1 (a real photo, decoded and preprocessed by the server) and images/s and
+p99 at concurrency 16 (dynamic batching on); the server's peak RSS; each as a ratio to eager's. Then eager's
+server with batching off, for the batching goal. Goals on CPU: HTTP p50 <= 1.2x the bare forward of the runtime
+it serves; batching >= 2x the unbatched throughput at concurrency 16 (>= 3x on a GPU); at batch 1 on one thread,
+``torch.export`` >= 1x eager, OpenVINO FP32 >= 1.5x and INT8 >= 2.5x with VNNI or AMX (>= 1.6x on AVX2 alone).
+Eager runs where the server would (the GPU when there is one; ``--device`` sets ``DOGBREED_DEVICE`` for this
+process and the servers); ONNX Runtime and OpenVINO always run on the CPU. Without ``--model`` it uses a randomly
+initialised ResNet-18 at 224 px with 133 classes (the shape and cost of the real dog-breed model), its INT8
+calibrated on the demo data.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import argparse
 import asyncio
 import json
 import os
+import platform
 import signal
 import socket
 import statistics
@@ -40,7 +42,7 @@ from dogbreed.artifacts import write_model_dir
 from dogbreed.models.backbone import create_backbone
 from dogbreed.serve.calibration import CALIBRATION_SIZE
 from dogbreed.serve.package import build_package, extract_package, find_model_dir
-from dogbreed.serve.runtime import load_model
+from dogbreed.serve.runtime import RUNTIMES, load_model
 from dogbreed.transforms import Preprocessing, load_rgb
 
 PHOTO = Path(__file__).resolve().parents[1] / "examples" / "images" / "Labrador_retriever_06457.jpg"
@@ -151,12 +153,106 @@ def synthetic_model_dir(root: Path) -> Path:
     return write_model_dir(root / "model", net, backbone="resnet18", class_names=names, preprocessing=Preprocessing())
 
 
+def cpu_description() -> str:
+    """The CPU's model name, the vector extensions that decide INT8's speed, and its cores."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    extensions = [name for name, flag in VECTOR_FLAGS if flag in flags]
+    return (
+        f"{model or platform.processor() or 'unknown CPU'}; {', '.join(extensions) or 'no AVX2'}; {os.cpu_count()} CPUs"
+    )
+
+
+VECTOR_FLAGS = (("AVX2", "avx2"), ("AVX-512", "avx512f"), ("AVX-512 VNNI", "avx512_vnni"), ("AVX-VNNI", "avx_vnni"),
+                ("AMX", "amx_tile"))  # fmt: skip
+
+
+def peak_rss_mb(pid: int) -> float | None:
+    """The process's peak resident memory (``VmHWM``; Linux only, else None)."""
+    status = Path(f"/proc/{pid}/status")
+    if not status.is_file():
+        return None
+    line = next((line for line in status.read_text().splitlines() if line.startswith("VmHWM:")), None)
+    return int(line.split()[1]) / 1024 if line else None
+
+
+def measure(unpacked: Path, package: Path, runtime: str, threads: int, args: argparse.Namespace) -> dict[str, Any]:
+    """One row of the table: the bare forward, then the endpoint serving this runtime with batching on."""
+    torch.set_num_threads(threads)
+    row: dict[str, Any] = {
+        "fwd_b1_ms": bare_forward_ms(unpacked, runtime, threads, args.iterations),
+        "fwd_b16_ms_per_image": bare_forward_ms(unpacked, runtime, threads, max(2, args.iterations // 6), batch=16),
+    }
+    common = ["--threads", str(threads), "--max-delay-ms", str(args.max_delay_ms), "--runtime", runtime]
+    body = PHOTO.read_bytes()
+    with Server(package, *common, "--max-batch-size", str(args.max_batch_size)) as server:
+        c1 = http_sequential(server.url, body, args.c1_requests)
+        before = server.stats()
+        rate, latencies = asyncio.run(http_concurrent(server.url, body, args.requests, 16))
+        after = server.stats()
+        row["peak_rss_mb"] = peak_rss_mb(server.process.pid)
+    row.update(http_c1_p50_ms=percentile(c1, 50), http_c1_p99_ms=percentile(c1, 99), c16_img_s=rate,
+               c16_p99_ms=percentile(latencies, 99))  # fmt: skip
+    row["c16_mean_batch"] = (after["images"] - before["images"]) / max(1, after["batches"] - before["batches"])
+    row["http_over_fwd"] = row["http_c1_p50_ms"] / row["fwd_b1_ms"]
+    return row
+
+
+def unbatched(package: Path, threads: int, args: argparse.Namespace) -> dict[str, float]:
+    """Eager's endpoint with batching off: the baseline of the batching goal."""
+    common = ["--threads", str(threads), "--max-delay-ms", str(args.max_delay_ms), "--runtime", "eager"]
+    with Server(package, *common, "--max-batch-size", "1") as server:
+        c1 = http_sequential(server.url, PHOTO.read_bytes(), args.c1_requests)
+        rate, latencies = asyncio.run(http_concurrent(server.url, PHOTO.read_bytes(), args.requests, 16))
+    return {"http_c1_p50_ms": percentile(c1, 50), "c16_img_s": rate, "c16_p99_ms": percentile(latencies, 99)}
+
+
+def print_table(threads: int, rows: dict[str, dict[str, Any]], off: dict[str, float], args: argparse.Namespace) -> None:
+    eager = rows["eager"]
+    print(f"\n{threads} thread{'s' * (threads > 1)}: bare forward (ms per image), /invocations (ms), server peak RSS")
+    print("| runtime | batch 1 | x eager | batch 16 | x eager | HTTP c1 p50 | p99 | HTTP / bare | c16 img/s | p99 "
+          "| x eager | peak RSS |\n|---|---|---|---|---|---|---|---|---|---|---|---|")  # fmt: skip
+    for runtime, r in rows.items():
+        rss = f"{r['peak_rss_mb']:.0f} MB" if r["peak_rss_mb"] is not None else "n/a"
+        print(
+            f"| `{runtime}` | {r['fwd_b1_ms']:.1f} | {eager['fwd_b1_ms'] / r['fwd_b1_ms']:.2f}x "
+            f"| {r['fwd_b16_ms_per_image']:.1f} | {eager['fwd_b16_ms_per_image'] / r['fwd_b16_ms_per_image']:.2f}x "
+            f"| {r['http_c1_p50_ms']:.1f} | {r['http_c1_p99_ms']:.1f} | {r['http_over_fwd']:.2f}x "
+            f"| {r['c16_img_s']:.1f} | {r['c16_p99_ms']:.0f} | {r['c16_img_s'] / eager['c16_img_s']:.2f}x | {rss} |"
+        )
+    batching = eager["c16_img_s"] / off["c16_img_s"]
+    print(f"\neager, batching off: HTTP c1 p50 {off['http_c1_p50_ms']:.1f} ms; concurrency 16 {off['c16_img_s']:.1f} "
+          f"img/s, p99 {off['c16_p99_ms']:.0f} ms; batching on / off throughput {batching:.2f}x (goal >= 2); mean "
+          f"batch {eager['c16_mean_batch']:.1f} (max {args.max_batch_size}, {args.max_delay_ms:g} ms)")  # fmt: skip
+    for runtime, r in rows.items():
+        verdict = "meets" if r["http_over_fwd"] <= 1.2 else "misses"
+        print(f"  {runtime}: HTTP p50 / bare forward {r['http_over_fwd']:.2f}x, {verdict} the goal <= 1.2x")
+
+
+def print_goals(one_thread: dict[str, dict[str, Any]], cpu: str) -> None:
+    """The speed goals at batch 1 on one thread; INT8's depends on the CPU's VNNI or AMX."""
+    vnni = any(name in cpu for name in ("VNNI", "AMX"))
+    goals = {"export": 1.0, "openvino": 1.5, "openvino-int8": 2.5 if vnni else 1.6}
+    print(f"\nGoals at batch 1, one thread ({'VNNI or AMX' if vnni else 'no VNNI or AMX'} here):")
+    for runtime, goal in goals.items():
+        if runtime in one_thread:
+            ratio = one_thread["eager"]["fwd_b1_ms"] / one_thread[runtime]["fwd_b1_ms"]
+            print(f"  {runtime}: {ratio:.2f}x eager, {'meets' if ratio >= goal else 'misses'} the goal >= {goal}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--model", type=Path, help="run dir or model dir (default: a random 224 px, 133-class ResNet-18)"
     )
-    parser.add_argument("--threads", type=int, default=available_cpus(), help="torch / ONNX Runtime threads")
+    parser.add_argument(
+        "--threads", type=int, nargs="+", default=sorted({1, available_cpus()}), help="torch / runtime threads: a "
+        "table for each (default: 1 and all cores)"
+    )  # fmt: skip
+    parser.add_argument("--runtimes", nargs="+", choices=RUNTIMES, help="default: every one this Python can run")
+    parser.add_argument("--iterations", type=int, default=30, help="bare forwards at batch 1 (batch 16: a sixth)")
+    parser.add_argument("--c1-requests", type=int, default=50, help="requests at concurrency 1")
     parser.add_argument("--requests", type=int, default=200, help="requests per concurrency-16 run")
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--max-delay-ms", type=float, default=5.0)
@@ -176,13 +272,18 @@ def main() -> None:
     if args.device != "auto":
         os.environ["DOGBREED_DEVICE"] = args.device  # read by load_model here and in the server processes
     device = os.environ.get("DOGBREED_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
-    torch.set_num_threads(args.threads)
-    body = PHOTO.read_bytes()
-    results: dict[str, Any] = {"threads": args.threads, "cpus": available_cpus(), "torch": torch.__version__}
+    runtimes = args.runtimes or [
+        "eager",
+        "export",
+        "onnx",
+        *(["openvino", "openvino-int8"] * bool(find_spec("openvino"))),
+    ]
+    runtimes = ["eager", *(r for r in runtimes if r != "eager")]  # every ratio is to eager's, measured in this run
+    cpu = cpu_description()
+    results: dict[str, Any] = {"cpu": cpu, "torch": torch.__version__, "tables": {}}
     results["device"] = torch.cuda.get_device_name() if device.startswith("cuda") else device
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         model_dir = find_model_dir(args.model) if args.model else synthetic_model_dir(Path(tmp))
-        runtimes = ["eager", "export", "onnx", *(["openvino", "openvino-int8"] if find_spec("openvino") else [])]
         calibration = args.calibration or (None if args.model else Path(str(files("dogbreed") / "demo_data")))
         package = build_package(
             model_dir, Path(tmp) / "model.tar.gz", exports=runtimes[1:], runtime="eager", calibration=calibration,
@@ -190,69 +291,15 @@ def main() -> None:
         )  # fmt: skip
         unpacked = extract_package(package, Path(tmp) / "unpacked")
         size = load_model(unpacked).preprocessing.image_size
-        print(f"model: {args.model or 'random ResNet-18, 133 classes'}, {size} px; {args.threads} threads on "
-              f"{available_cpus()} CPUs; eager on {results['device']}; photo {PHOTO.name}")  # fmt: skip
-
-        for runtime in runtimes:
-            results[f"bare_{runtime}_ms"] = bare_forward_ms(unpacked, runtime, args.threads, 30)
-            results[f"bare_{runtime}_b16_ms_per_image"] = bare_forward_ms(unpacked, runtime, args.threads, 5, batch=16)
-        common = ["--threads", str(args.threads), "--max-delay-ms", str(args.max_delay_ms)]
-        batching = [*common, "--max-batch-size", str(args.max_batch_size)]
-        with Server(package, *batching) as server:
-            c1 = http_sequential(server.url, body, 50)
-            results["http_c1_p50_ms"], results["http_c1_p99_ms"] = percentile(c1, 50), percentile(c1, 99)
-            before = server.stats()
-            rate, lat = asyncio.run(http_concurrent(server.url, body, args.requests, 16))
-            after = server.stats()
-            results["c16_batched_img_s"], results["c16_batched_p99_ms"] = rate, percentile(lat, 99)
-            results["c16_mean_batch"] = (after["images"] - before["images"]) / max(
-                1, after["batches"] - before["batches"]
-            )
-        with Server(package, *common, "--max-batch-size", "1") as server:
-            c1 = http_sequential(server.url, body, 50)
-            results["http_c1_unbatched_p50_ms"] = percentile(c1, 50)
-            results["http_c1_unbatched_p99_ms"] = percentile(c1, 99)
-            rate, lat = asyncio.run(http_concurrent(server.url, body, args.requests, 16))
-            results["c16_unbatched_img_s"], results["c16_unbatched_p99_ms"] = rate, percentile(lat, 99)
-        with Server(package, *batching, "--runtime", "onnx") as server:
-            c1 = http_sequential(server.url, body, 50)
-            results["http_c1_onnx_p50_ms"] = percentile(c1, 50)
-
-    r = results
-    r["ratio_http_p50_over_bare"] = r["http_c1_p50_ms"] / r["bare_eager_ms"]
-    r["ratio_batched_over_unbatched"] = r["c16_batched_img_s"] / r["c16_unbatched_img_s"]
-    for runtime in runtimes:
-        r[f"ratio_eager_over_{runtime}"] = r["bare_eager_ms"] / r[f"bare_{runtime}_ms"]
-    r["ratio_http_onnx_p50_over_bare_onnx"] = r["http_c1_onnx_p50_ms"] / r["bare_onnx_ms"]
-    batch_note = f"mean batch {r['c16_mean_batch']:.1f} (max {args.max_batch_size}, {args.max_delay_ms:g} ms)"
-    rows = [
-        ("bare eager forward, batch 1", f"p50 {r['bare_eager_ms']:7.1f} ms"),
-        ("bare ONNX Runtime forward, batch 1", f"p50 {r['bare_onnx_ms']:7.1f} ms"),
-        ("bare eager forward, batch 16", f"p50 {r['bare_eager_b16_ms_per_image']:7.1f} ms per image"),
-        ("HTTP, concurrency 1", f"p50 {r['http_c1_p50_ms']:7.1f} ms   p99 {r['http_c1_p99_ms']:7.1f} ms"),
-        (
-            "HTTP, concurrency 1, batching off",
-            f"p50 {r['http_c1_unbatched_p50_ms']:7.1f} ms   p99 {r['http_c1_unbatched_p99_ms']:7.1f} ms",
-        ),
-        ("HTTP, concurrency 1, ONNX Runtime", f"p50 {r['http_c1_onnx_p50_ms']:7.1f} ms"),
-        (
-            "concurrency 16, batching off",
-            f"{r['c16_unbatched_img_s']:7.1f} img/s   p99 {r['c16_unbatched_p99_ms']:7.1f} ms",
-        ),
-        ("concurrency 16, batching on", f"{r['c16_batched_img_s']:7.1f} img/s   p99 {r['c16_batched_p99_ms']:7.1f} ms"),
-        ("", batch_note),
-        ("ratio HTTP p50 / bare forward", f"{r['ratio_http_p50_over_bare']:5.2f}x   (goal <= 1.2)"),
-        ("ratio batched / unbatched throughput", f"{r['ratio_batched_over_unbatched']:5.2f}x   (goal >= 2)"),
-        ("ratio eager / ONNX Runtime latency", f"{r['ratio_eager_over_onnx']:5.2f}x   (goal >= 1.5)"),
-        ("ratio HTTP p50 / bare, ONNX Runtime", f"{r['ratio_http_onnx_p50_over_bare_onnx']:5.2f}x"),
-    ]
-    for name, value in rows:
-        print(f"{name:<38} {value}")
-    print(f"\n{'runtime':<15} {'batch 1':>10} {'x eager':>8} {'batch 16':>14} {'x eager':>8}")
-    for runtime in runtimes:
-        one, sixteen = r[f"bare_{runtime}_ms"], r[f"bare_{runtime}_b16_ms_per_image"]
-        ratio1, ratio16 = r[f"ratio_eager_over_{runtime}"], r["bare_eager_b16_ms_per_image"] / sixteen
-        print(f"{runtime:<15} {one:7.1f} ms {ratio1:7.2f}x {sixteen:7.1f} ms/img {ratio16:6.2f}x")
+        print(f"model: {args.model or 'random ResNet-18, 133 classes'}, {size} px; eager on {results['device']}; "
+              f"photo {PHOTO.name}\nCPU: {cpu}; torch {torch.__version__}")  # fmt: skip
+        for threads in args.threads:
+            rows = {runtime: measure(unpacked, package, runtime, threads, args) for runtime in runtimes}
+            off = unbatched(package, threads, args)
+            results["tables"][threads] = {"runtimes": rows, "eager_batching_off": off}
+            print_table(threads, rows, off, args)
+    if 1 in results["tables"]:
+        print_goals(results["tables"][1]["runtimes"], cpu)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 
