@@ -5,7 +5,8 @@ TorchServe, and no dogbreed but the copy in the package's ``code/``, as in the s
 the package lacks fails here. In a subprocess: the PyTorch toolkit's ``HandlerService`` (the
 ``sagemaker_inference`` ``Transformer`` with ``DefaultPytorchInferenceHandler``) called with a real
 ``ts.context.Context`` built by TorchServe's own request decoding, for every content type and every documented
-4xx on the eager runtime, and the main requests on TorchScript and ONNX. End to end (slow):
+4xx on the eager runtime, and the main requests on every export (``torch.export``, OpenVINO FP32 and INT8,
+TorchScript, ONNX) and on ``DOGBREED_RUNTIME=auto``. End to end (slow):
 ``sagemaker_pytorch_serving_container.serving.main()`` starting TorchServe on 127.0.0.1, queried over HTTP
 with a real photo.
 """
@@ -37,6 +38,7 @@ from PIL import Image
 from dogbreed.serve.codec import format_predictions
 from dogbreed.serve.handlers import input_fn, model_fn, predict_fn
 from dogbreed.serve.package import build_package, extract_package
+from dogbreed.serve.runtime import load_model
 
 from .conftest import TINY_BREEDS, wait_until_up, write_image_folder
 from .installed import IsolatedPython
@@ -57,7 +59,7 @@ def base_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     # served as eager unless DOGBREED_RUNTIME says otherwise; each export checked on images of the model's classes
     data = write_image_folder(tmp / "data", classes=TINY_BREEDS, counts={"train": 2, "valid": 2})
     archive = build_package(
-        tiny_model_dir.parent, tmp / "model.tar.gz", exports=EXPORTED, runtime="eager", calibration=data
+        tiny_model_dir.parent, tmp / "model.tar.gz", exports=[*EXPORTED, INT8], runtime="eager", calibration=data
     )
     extract_package(archive, tmp / "ml" / "model")
     return tmp / "ml"
@@ -67,6 +69,13 @@ def base_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 def expected(base_dir: Path) -> list[dict]:
     """The photo's answer from this checkout's handlers: what the toolkit must answer too."""
     model = model_fn(str(base_dir / "model"))
+    return format_predictions(predict_fn(input_fn(PHOTO.read_bytes(), "image/jpeg"), model))["predictions"]
+
+
+@pytest.fixture(scope="module")
+def expected_int8(base_dir: Path) -> list[dict]:
+    """INT8's own answer from this checkout (quantised logits differ from eager's): what the toolkit must match."""
+    model = load_model(base_dir / "model", runtime=INT8)
     return format_predictions(predict_fn(input_fn(PHOTO.read_bytes(), "image/jpeg"), model))["predictions"]
 
 
@@ -139,7 +148,8 @@ def cases(base_dir: Path) -> dict[str, Case]:
     }
 
 
-EXPORTED = ["export", "openvino", "torchscript", "onnx"]  # the runtimes besides eager, from the package's exports
+EXPORTED = ["export", "openvino", "torchscript", "onnx"]  # the exports that answer as eager does (to 1e-4)
+INT8 = "openvino-int8"  # answers as its own quantised model does; `auto` picks it where OpenVINO is installed
 RUNTIME_CASES = ["image/jpeg", "json", "json-batch", "npy-float32", "json-explain", "not-an-image", "bad-json"]
 CASE_NAMES = [
     "image/jpeg", "image/png", "application/x-image", "application/octet-stream", "json", "json-charset",
@@ -200,7 +210,7 @@ def toolkit_run(base_dir: Path, bare_python: IsolatedPython, tmp_path_factory: p
     folder = tmp_path_factory.mktemp("cases")
     table = cases(base_dir)
     runs = [("eager", name) for name in CASE_NAMES]
-    runs += [(runtime, name) for runtime in EXPORTED for name in RUNTIME_CASES]
+    runs += [(runtime, name) for runtime in [*EXPORTED, INT8, "auto"] for name in RUNTIME_CASES]
     manifest = []
     for i, (runtime, name) in enumerate(runs):
         case = table[name]
@@ -266,6 +276,16 @@ def test_toolkit_answers_on_each_exported_runtime(name: str, runtime: str, toolk
     if name == "json-explain":
         case = Case(case.content_type, case.body, status=400, error="explain_needs_eager")
     check_answer(f"{runtime}:{name}", case, got["status"], got["content_type"], got["body"], expected)
+
+
+@pytest.mark.parametrize("runtime", [INT8, "auto"])
+@pytest.mark.parametrize("name", RUNTIME_CASES)
+def test_toolkit_answers_on_int8_and_auto(name: str, runtime: str, toolkit_run: dict, expected_int8: list) -> None:
+    """The INT8 package answers in the stock container as in the checkout; ``auto`` serves it (OpenVINO is there)."""
+    case, got = toolkit_run["_cases"][name], toolkit_run[f"{runtime}:{name}"]
+    if name == "json-explain":
+        case = Case(case.content_type, case.body, status=400, error="explain_needs_eager")
+    check_answer(f"{runtime}:{name}", case, got["status"], got["content_type"], got["body"], expected_int8)
 
 
 def free_ports(n: int) -> list[int]:
