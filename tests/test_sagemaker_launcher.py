@@ -19,8 +19,6 @@ import boto3
 import pytest
 import torch
 
-pytest.importorskip("sagemaker.train", reason="needs the SageMaker Python SDK v3")
-
 from dogbreed.sagemaker import launcher, training
 from dogbreed.sagemaker.hyperparameters import hyperparameters_to_overrides, metric_regex
 

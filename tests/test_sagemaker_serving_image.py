@@ -23,8 +23,6 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "container" / "Dockerfile"
 PHOTO = ROOT / "examples" / "images" / "Labrador_retriever_06457.jpg"
 
-pytest.importorskip("uvicorn", reason="needs the serve extra")
-
 
 def entry_command() -> list[str]:
     """The Dockerfile's ENTRYPOINT (exec form) plus the ``serve`` argument SageMaker passes."""

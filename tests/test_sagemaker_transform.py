@@ -11,8 +11,6 @@ from pathlib import Path
 import boto3
 import pytest
 
-pytest.importorskip("sagemaker.train", reason="needs the SageMaker Python SDK v3")
-
 from dogbreed.sagemaker import launcher
 from dogbreed.sagemaker.__main__ import main
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from ts import context as ts_context
 
 from dogbreed.serve.codec import InferenceError, Limits, decode_request
 from dogbreed.serve.handlers import input_fn, model_fn, output_fn, predict_fn, transform_fn
@@ -261,7 +262,6 @@ def test_non_finite_answers_are_refused(model) -> None:
 
 def torchserve_context() -> object:
     """TorchServe's own request context for one request, as its Python worker builds it."""
-    ts_context = pytest.importorskip("ts.context", reason="needs torchserve (the dev extra)")
     context = ts_context.Context("model", "/opt/ml/model", None, 1, None, "0.12.0")
     context.request_processor = [ts_context.RequestProcessor({})]
     return context
