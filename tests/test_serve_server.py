@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import http.client
 import io
 import json
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -315,27 +317,58 @@ def test_500_requests_at_concurrency_16(endpoint: Endpoint) -> None:
     assert images == 500 and batches < images  # concurrent requests were batched
 
 
+def held_upload(url: str, body: bytes) -> socket.socket:
+    """Start a POST of ``body`` that the server provably holds: it has answered ``100 Continue`` (it is reading
+    the body in the handler), and it has half the body; the rest is still to be sent."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    sock.sendall(
+        f"POST /invocations HTTP/1.1\r\nHost: {host}\r\nContent-Type: image/jpeg\r\n"
+        f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\n\r\n".encode()
+    )
+    interim = b""
+    while not interim.endswith(b"\r\n\r\n"):  # nothing else can come before the rest of the body
+        chunk = sock.recv(1)
+        assert chunk, f"the server closed the connection after {interim!r}"
+        interim += chunk
+    assert interim.startswith(b"HTTP/1.1 100 "), interim
+    sock.sendall(body[: len(body) // 2])
+    return sock
+
+
+def listening(url: str) -> bool:
+    host, port = url.removeprefix("http://").split(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except ConnectionRefusedError:
+        return False
+    return True
+
+
 @pytest.mark.slow
 def test_graceful_shutdown_finishes_in_flight_requests(package: Path, tmp_path: Path) -> None:
+    """SIGTERM while 8 requests are half uploaded: the server stops listening, yet reads and answers all 8."""
     endpoint = start_endpoint(package, tmp_path / "server.log", "--max-delay-ms", "50")
-
-    async def in_flight_then_sigterm() -> list[int]:
-        async with httpx.AsyncClient(timeout=60) as client:
-            await client.get(f"{endpoint.url}/ping")  # open the connection pool
-            headers = {"Content-Type": "image/jpeg"}
-            tasks = [
-                asyncio.create_task(
-                    client.post(f"{endpoint.url}/invocations", content=PHOTO.read_bytes(), headers=headers)
-                )
-                for _ in range(8)
-            ]
-            await asyncio.sleep(0.3)  # the requests reach the server
-            endpoint.process.send_signal(signal.SIGTERM)
-            return [r.status_code for r in await asyncio.gather(*tasks)]
-
+    body = PHOTO.read_bytes()
+    held = [held_upload(endpoint.url, body) for _ in range(8)]
     try:
-        assert asyncio.run(in_flight_then_sigterm()) == [200] * 8
+        endpoint.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while listening(endpoint.url):  # the shutdown has begun while every request is still in flight
+            assert time.monotonic() < deadline, "the server still accepts connections 30 s after SIGTERM"
+            time.sleep(0.05)
+        assert endpoint.process.poll() is None, "the server exited with requests in flight"
+        for sock in held:
+            sock.sendall(body[len(body) // 2 :])
+        for sock in held:
+            response = http.client.HTTPResponse(sock)
+            response.begin()
+            answer = response.read()
+            assert response.status == 200, answer
+            assert json.loads(answer)["predictions"][0]["label"]
     finally:
+        for sock in held:
+            sock.close()
         stop_endpoint(endpoint)
 
 
