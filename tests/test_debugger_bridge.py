@@ -1,7 +1,12 @@
-"""The SageMaker bridge: smdebug's hook only inside a Debugger-enabled job, and the numpy-2 fix, with stand-ins."""
+"""The SageMaker bridge: smdebug's hook only inside a Debugger-enabled job, and the numpy-2 fix.
+
+smdebug cannot be installed beside the dev extra (see dogbreed.callbacks.smdebug_bridge): where it would be
+imported, a stand-in plays it; a job without it runs for real."""
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 import sys
 import types
 from pathlib import Path
@@ -102,9 +107,29 @@ def test_nothing_without_a_debugger_config(fake_smdebug: None, tmp_path: Path, i
     assert register_smdebug_hook(nn.Linear(2, 2), None, tmp_path / "missing.json") is None
 
 
-def test_nothing_without_smdebug(hook_config: Path, in_job: None, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "smdebug.pytorch", None)  # import fails as if not installed
-    assert register_smdebug_hook(nn.Linear(2, 2), None, hook_config) is None
+def test_a_debugger_job_without_smdebug_trains_and_says_why(
+    hook_config: Path, in_job: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """For real, no stand-in: smdebug cannot be installed beside SageMaker's training toolkit (see
+    dogbreed.callbacks.smdebug_bridge), so a Debugger-enabled job trains with dogbreed's rules alone."""
+    from .test_debugger import tiny_fit
+
+    assert importlib.util.find_spec("smdebug") is None, "smdebug imports here: this test expects the dev install"
+    bridge = SMDebugBridge(hook_config=hook_config)
+    with caplog.at_level(logging.INFO, logger="dogbreed.callbacks.smdebug_bridge"):
+        trainer = tiny_fit([bridge])
+    assert bridge.hook is None and trainer.current_epoch == 1 and trainer.global_step > 0
+    assert "Debugger hook config but smdebug is not installed" in caplog.text
+
+
+def test_the_default_callbacks_hold_the_bridge() -> None:
+    """Every run composes it; it does nothing outside a Debugger-enabled job."""
+    from hydra.utils import instantiate
+
+    from .conftest import compose_config
+
+    bridge = instantiate(compose_config().callbacks.smdebug_bridge)
+    assert isinstance(bridge, SMDebugBridge) and str(bridge.hook_config) == "/opt/ml/input/config/debughookconfig.json"
 
 
 def test_bridge_callback_registers_the_lightning_module(fake_smdebug: None, hook_config: Path, in_job: None) -> None:

@@ -5,6 +5,15 @@ all three hold: the process runs in a SageMaker training job, the job has a Debu
 (``/opt/ml/input/config/debughookconfig.json``), and ``smdebug`` imports. Otherwise nothing changes; our
 own :class:`~dogbreed.callbacks.Debugger` runs in every case. ``smdebug`` is imported lazily and is not a
 dependency of ``dogbreed``.
+
+Where ``smdebug`` can be installed: its last release (1.0.34, 2023) pins ``protobuf>=3.20.0,<=3.20.3``. It
+installs beside numpy 2 on its own, and its tensor writer then fails on ``ndarray.tostring``, which
+:func:`patch_smdebug_for_numpy2` fixes (checked by hand against the real 1.0.34 writer: tensors written and
+read back). It cannot be installed beside ``sagemaker-training`` 5 (``protobuf>=5.28.1``), the toolkit the
+PyTorch training images start and the ``dev`` extra pins (pip: ResolutionImpossible), and older releases
+without the pin fail to import under protobuf >= 4. So the hook registers only in an image built around
+protobuf 3.20; the tests run the bridge against a stand-in ``smdebug``, and for real without one, as an image
+with the toolkit runs it.
 """
 
 from __future__ import annotations
