@@ -326,6 +326,28 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )  # fmt: skip
 
 
+@pytest.fixture(scope="session")
+def tiny_package(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """Factory: ``tiny_package(exports=(...), top_k=N)`` is ``model.tar.gz`` of ``tiny_model_dir``, built once per
+    distinct option set in a test session (one to four seconds each) and shared.
+
+    The archive is read-only to every test: extract it into ``tmp_path`` (``extract_package``) to change anything.
+    """
+    from dogbreed.serve.package import DEFAULT_TOP_K, build_package
+
+    built: dict[tuple[tuple[str, ...], int], Path] = {}
+
+    def package(*, exports: tuple[str, ...] = (), top_k: int = DEFAULT_TOP_K) -> Path:
+        key = (tuple(exports), top_k)
+        if key not in built:
+            archive = tmp_path_factory.mktemp("tiny_package") / "model.tar.gz"
+            built[key] = build_package(tiny_model_dir, archive, exports=exports, top_k=top_k)
+            built[key].chmod(0o444)
+        return built[key]
+
+    return package
+
+
 # --- what users install, where the checkout cannot be imported (tests/installed.py) ---------------------
 
 

@@ -8,6 +8,7 @@ import json
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import boto3
@@ -15,7 +16,6 @@ import pytest
 
 from dogbreed import predict
 from dogbreed.serve import handlers
-from dogbreed.serve.package import build_package
 
 from .conftest import write_image_folder
 from .installed import hidden_except
@@ -114,14 +114,16 @@ def test_jsonl_top_k_and_classes_the_model_lacks(tiny_model_dir: Path, tmp_path:
     assert summary.accuracy == sum(r["predictions"][0]["label"] == "Boxer" for r in records[:2]) / 2
 
 
-def test_model_archive_list_file_and_single_image(tiny_model_dir: Path, tmp_path: Path) -> None:
-    archive = build_package(tiny_model_dir, tmp_path / "model.tar.gz", top_k=4)
+def test_model_archive_list_file_and_single_image(
+    tiny_model_dir: Path, tiny_package: Callable[..., Path], tmp_path: Path
+) -> None:
+    archive = tiny_package(top_k=3)  # tests/test_package.py's option set
     listing = tmp_path / "list.txt"
     listing.write_text(f"# photos\n{PHOTOS[1]}\n\n{tmp_path / 'missing.jpg'}\n{PHOTOS[0]}\n")
     rows = read_csv(predict.predict_to_file(archive, listing, tmp_path / "p.csv").output)
     assert [Path(r["path"]) for r in rows] == [PHOTOS[1], tmp_path / "missing.jpg", PHOTOS[0]]
     assert rows[1]["error"].startswith("unreadable: FileNotFoundError") and rows[1]["label_1"] == ""
-    assert "label_4" in rows[0] and "label_5" not in rows[0]  # the package's top_k
+    assert "label_3" in rows[0] and "label_4" not in rows[0]  # the package's top_k
     assert rows[2]["label_1"] == endpoint_answer(tiny_model_dir, PHOTOS[0])[0]["label"]
 
     (single,) = read_csv(predict.predict_to_file(tiny_model_dir, PHOTOS[0], tmp_path / "one.csv").output)

@@ -12,6 +12,7 @@ import json
 import re
 import signal
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -47,17 +48,17 @@ def test_no_other_installed_package_claims_the_entry_command() -> None:
 
 
 def test_entry_command_serves_a_packaged_model(
-    clone_copy: Path, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
+    clone_copy: Path, tiny_package: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
 ) -> None:
     """The image's install (``pip install ".[serve]"`` of the sources, not editable) runs its ENTRYPOINT."""
-    from dogbreed.serve.package import build_package, extract_package
+    from dogbreed.serve.package import extract_package
 
     image = IsolatedPython.create(tmp_path_factory.mktemp("image") / "venv")
     image.pip_install(f"{clone_copy}[serve]", cwd=tmp_path)
     command = entry_command()
     executable = image.bin / command[0]
     assert executable.is_file(), f"pip install '.[serve]' installed no {command[0]}"
-    model_dir = extract_package(build_package(tiny_model_dir, tmp_path / "model.tar.gz"), tmp_path / "opt/ml/model")
+    model_dir = extract_package(tiny_package(), tmp_path / "opt/ml/model")
     port = free_port()
     env = image.env(SM_MODEL_DIR=str(model_dir), SAGEMAKER_BIND_TO_PORT=str(port), DOGBREED_SERVE_HOST="127.0.0.1")
     log_path = tmp_path / "serve.log"

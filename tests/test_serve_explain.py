@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from dogbreed.models.backbone import create_backbone
 from dogbreed.serve.codec import InferenceError
 from dogbreed.serve.explain import find_target_layer, grad_cam, heatmap_png, input_jpeg
 from dogbreed.serve.handlers import input_fn, output_fn, predict_fn
-from dogbreed.serve.package import build_package, extract_package
+from dogbreed.serve.package import extract_package
 from dogbreed.serve.runtime import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -225,9 +226,9 @@ def test_explain_must_be_a_boolean(model) -> None:
     assert info.value.status == 400 and info.value.body["error"] == "bad_explain"
 
 
-def test_runtimes_without_gradients_refuse_explain(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_runtimes_without_gradients_refuse_explain(tiny_package: Callable[..., Path], tmp_path: Path) -> None:
     """TorchScript (and ONNX, the same way) answer a plain request, and a 400 that names the fix for explain."""
-    root = extract_package(build_package(tiny_model_dir, tmp_path / "model.tar.gz", exports=["torchscript"]), tmp_path)
+    root = extract_package(tiny_package(exports=("torchscript",)), tmp_path)
     scripted = load_model(root, runtime="torchscript", device="cpu")
     assert len(ask(scripted, {"image": b64(PHOTO)})["predictions"]) == 5
     with pytest.raises(InferenceError) as info:

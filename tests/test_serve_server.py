@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +26,7 @@ from PIL import Image
 
 from dogbreed.serve.codec import format_predictions
 from dogbreed.serve.handlers import input_fn, model_fn, predict_fn
-from dogbreed.serve.package import build_package, extract_package
+from dogbreed.serve.package import extract_package
 
 from .conftest import free_port, wait_until_up
 
@@ -79,8 +79,8 @@ def stop_endpoint(endpoint: Endpoint) -> None:
 
 
 @pytest.fixture(scope="module")
-def package(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_package(tiny_model_dir, tmp_path_factory.mktemp("pkg") / "model.tar.gz")
+def package(tiny_package: Callable[..., Path]) -> Path:
+    return tiny_package()
 
 
 @pytest.fixture(scope="module")
@@ -190,11 +190,12 @@ def test_explain_adds_grad_cam_and_keeps_the_answer(endpoint: Endpoint) -> None:
     assert big.status_code == 413 and big.json()["error"] == "body_too_large"
 
 
-def test_explain_without_gradients_is_refused_and_plain_requests_answer(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_explain_without_gradients_is_refused_and_plain_requests_answer(
+    tiny_package: Callable[..., Path], tmp_path: Path
+) -> None:
     """A torch.export endpoint: 400 explain_needs_eager for the query parameter (before the body is read) and the
     JSON field alike; the same request without explain answers."""
-    archive = build_package(tiny_model_dir, tmp_path / "model.tar.gz", exports=["export"])
-    endpoint = start_endpoint(archive, tmp_path / "server.log", "--runtime", "export")
+    endpoint = start_endpoint(tiny_package(exports=("export",)), tmp_path / "server.log", "--runtime", "export")
     try:
         url, photo, jpeg = f"{endpoint.url}/invocations", PHOTO.read_bytes(), {"Content-Type": "image/jpeg"}
         b64 = base64.b64encode(photo).decode()
