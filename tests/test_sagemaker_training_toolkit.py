@@ -126,6 +126,13 @@ def test_training_toolkit_runs_the_job(tmp_path: Path, bare_python: IsolatedPyth
         assert len(expected) == (1 if name.startswith("test/") else EPOCHS), name
         assert [float(v) for v in found] == expected, f"{name}: printed {found}, logged {expected}"
         assert found == [repr(v) for v in expected]  # the float's own digits, not a rounded form
+    lines = [line.split("] ", 1)[1] for line in log.splitlines() if re.search(r"\] (epoch=\d+|test) \S+=", line)]
+    printed = {token.split("=")[0] for line in lines for token in line.split() if "=" in token}
+    assert printed <= set(SAGEMAKER_METRICS), f"printed but not defined: {printed - set(SAGEMAKER_METRICS)}"
+    # the tuner's objective: the best val/acc of the epochs so far, on every epoch line
+    val_acc = [float(v) for v in re.findall(metric_regex("val/acc"), log)]
+    best = [float(v) for v in re.findall(metric_regex("val/acc_best"), log)]
+    assert best == [max(val_acc[: i + 1]) for i in range(EPOCHS)]
 
     # checkpoints: synced to <base>/checkpoints when SageMaker provides it, else scratch; never uploaded
     uploaded = [p for p in [*output.rglob("*"), *model.rglob("*")] if p.is_file()]
