@@ -8,10 +8,12 @@ Not public API: import from here only inside ``dogbreed``.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -24,6 +26,53 @@ class DataError(ValueError):
     """The dataset cannot be used as it is; the message names the file or folder and the fix."""
 
 
+class DiskFullError(OSError):
+    """A file the file system has no room for: names the path, the bytes it needed and the bytes free.
+
+    An ``OSError`` with ``errno.ENOSPC``, so code that handles a full disk still recognises it; its text is
+    one line, without the ``[Errno 28]`` prefix, for callers to add what the user does next.
+    """
+
+    def __init__(self, path: str | Path, needed: int | None) -> None:
+        super().__init__(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        self.path, self.needed = Path(path), needed
+        self.free = free_bytes(self.path)
+
+    def __reduce__(self) -> tuple[type, tuple[str, int | None]]:
+        return type(self), (str(self.path), self.needed)
+
+    def __str__(self) -> str:
+        need = f"it needs {format_bytes(self.needed)}" if self.needed else "it needs more"
+        free = f"{format_bytes(self.free)} free there" if self.free is not None else "the file system is gone"
+        return f"no space left on the device for {self.path}: {need}, {free}"
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """Whether ``err`` says a file system is full (or over quota).
+
+    Errors raised in a DataLoader worker reach the main process as their text only, so that is read too.
+    """
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return isinstance(err, OSError) and err.errno is None and f"[Errno {errno.ENOSPC}]" in str(err)
+
+
+def free_bytes(path: Path) -> int | None:
+    """Bytes free on the file system holding ``path`` (or its nearest existing parent); None if none exists."""
+    for folder in (path, *path.parents):
+        if folder.exists():
+            return shutil.disk_usage(folder).free
+    return None
+
+
+def format_bytes(n: int) -> str:
+    """``1.5 GB``, ``134.2 MB``, ``12 kB``: sizes in messages, in the units ``df -H`` uses."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{max(n, 0) / 1e3:.0f} kB"
+
+
 # --- files ----------------------------------------------------------------------------------------
 
 
@@ -32,12 +81,45 @@ def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary sibling of ``path`` to write; rename it onto ``path`` only if the block succeeds.
 
     The temporary name carries the process id, so concurrent writers (DDP ranks, parallel trials) never
-    interleave their bytes; the last complete file wins.
+    interleave their bytes; the last complete file wins. A block that fails takes its temporary file with it:
+    no later process would read it (another pid), and on a full disk it holds the space a retry needs.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    yield tmp
+    try:
+        yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
+
+
+def write_bytes_durably(path: Path, data: bytes | memoryview) -> None:
+    """Write ``data`` to ``path`` so that a crash, a kill or a full disk leaves either the old file or the new one.
+
+    The bytes go to a temporary sibling (same file system, so the rename is atomic), which is fsynced before
+    it replaces ``path``; the folder is fsynced after, so the rename outlives a power cut. A file larger than
+    the free space is refused before a byte is written, with a :class:`DiskFullError`, as is one the disk
+    fills up under.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(path.parent).free
+    if len(data) > free:
+        raise DiskFullError(path, len(data))
+    try:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        if is_disk_full(err):
+            raise DiskFullError(path, len(data)) from err
+        raise
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 def write_text(path: Path, text: str) -> None:

@@ -2,7 +2,8 @@
 
 ``train(cfg)`` is the one path from a composed config to a run directory; the Hydra entry point, the
 tuner and the SageMaker container all call it. ``python -m dogbreed.train resume=RUN_DIR [overrides]``
-continues an interrupted run in its own directory, with its own overrides, from its ``last.ckpt``.
+continues an interrupted run in its own directory, with its own overrides, from its ``last.ckpt`` (or, when
+that file is damaged, the newest whole checkpoint beside it).
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from dogbreed._io import DiskFullError, is_disk_full
 from dogbreed.artifacts import write_model_dir, write_test_results
-from dogbreed.callbacks import ResumeState
+from dogbreed.callbacks import ResumeState, checkpoint_damage
 from dogbreed.config import CONFIG_DIR
 from dogbreed.data import DataError, DogBreedDataModule
 from dogbreed.models import DogBreedClassifier, WeightsError
@@ -53,23 +55,47 @@ def resolve_ckpt_path(ckpt_path: str | None, checkpoint_dir: str | Path) -> str 
     """The checkpoint to start from: an existing file, or ``last`` -> ``<checkpoint_dir>/last.ckpt``; None for none.
 
     Lightning would train from scratch on a ``last`` it cannot find and fail with a long traceback on a
-    missing path; both are a one-line :class:`CheckpointError` here. URLs are left for Lightning to open.
+    missing or damaged path; each is a one-line :class:`CheckpointError` here, except a damaged
+    ``last.ckpt`` of this run (``last``, or its path, as the SageMaker entry gives it): the run then starts
+    from the newest whole checkpoint beside it, saying so. URLs are left for Lightning to open.
     """
     if not ckpt_path:
         return None
-    if ckpt_path == "last":
-        path = Path(checkpoint_dir) / LAST_CHECKPOINT
-        if not path.is_file():
-            raise CheckpointError(
-                f"ckpt_path=last but {checkpoint_dir} has no {LAST_CHECKPOINT} (no epoch finished there): resume a run "
-                "with resume=RUN_DIR, or give ckpt_path=PATH/TO/last.ckpt."
-            )
-        return str(path)
-    if "://" not in ckpt_path and not Path(ckpt_path).is_file():
+    last = Path(checkpoint_dir) / LAST_CHECKPOINT
+    if ckpt_path == "last" or ("://" not in ckpt_path and Path(ckpt_path).absolute() == last.absolute()):
+        return str(last_whole_checkpoint(Path(checkpoint_dir)))
+    if "://" in ckpt_path:
+        return ckpt_path
+    if not Path(ckpt_path).is_file():
         raise CheckpointError(
             f"ckpt_path={ckpt_path} does not exist: give an existing .ckpt file, or resume a run with resume=RUN_DIR."
         )
+    if damage := checkpoint_damage(Path(ckpt_path)):
+        raise CheckpointError(f"ckpt_path={ckpt_path} is damaged ({damage}): give a whole .ckpt file.")
     return ckpt_path
+
+
+def last_whole_checkpoint(checkpoint_dir: Path) -> Path:
+    """``checkpoint_dir/last.ckpt``, or where it is damaged (a copy cut short, a disk that filled up) the newest
+    whole ``*.ckpt`` beside it, by modification time; a :class:`CheckpointError` with the fix when there is none."""
+    last = checkpoint_dir / LAST_CHECKPOINT
+    if not last.is_file():
+        raise CheckpointError(
+            f"ckpt_path=last but {checkpoint_dir} has no {LAST_CHECKPOINT} (no epoch finished there): resume a run "
+            "with resume=RUN_DIR, or give ckpt_path=PATH/TO/last.ckpt."
+        )
+    damage = checkpoint_damage(last)
+    if damage is None:
+        return last
+    others = sorted((p for p in checkpoint_dir.glob("*.ckpt") if p != last), key=lambda p: p.stat().st_mtime)
+    for candidate in reversed(others):
+        if checkpoint_damage(candidate) is None:
+            log.warning("%s is damaged (%s); resuming from %s, the newest whole checkpoint.", last, damage, candidate)
+            return candidate
+    raise CheckpointError(
+        f"{last} is damaged ({damage}) and no other checkpoint in {checkpoint_dir} is whole: nothing to resume "
+        "from; train again from the start in a new run dir (a SageMaker job: empty its checkpoint_s3_uri first)."
+    )
 
 
 def resume_overrides(run_dir: str | Path, given: Sequence[str]) -> list[str]:
@@ -123,8 +149,12 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[Callback] = ()) -> dict[str
     model: DogBreedClassifier = instantiate(cfg.model)
     callbacks = [resume_state, *instantiate_group(cfg.get("callbacks"), "callback"), *extra_callbacks]
     loggers = instantiate_group(cfg.get("logger"), "logger")
+    plugins = []
+    if cfg.get("checkpoint_io"):
+        log.info("Instantiating checkpoint_io <%s>", cfg.checkpoint_io._target_)
+        plugins.append(instantiate(cfg.checkpoint_io))
     log.info("Instantiating trainer <%s>", cfg.trainer._target_)
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins or None)
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
@@ -190,6 +220,26 @@ def _run(cfg: DictConfig) -> float | None:
     except (BackboneError, CheckpointError, DataError, WeightsError) as err:
         log.error("%s", err)
         sys.exit(2)
+    except OSError as err:
+        if not is_disk_full(err):
+            raise
+        log.error("%s", disk_full_message(err, cfg.paths.output_dir, cfg.paths.checkpoint_dir))
+        sys.exit(2)
+
+
+def disk_full_message(err: OSError, run_dir: str, checkpoint_dir: str) -> str:
+    """One line for a run the disk filled up under: the path, the space needed and free, and the resume.
+
+    A write other than a checkpoint's (a debugger record, the CSV log) knows no size; the run needs at
+    least one more checkpoint's worth to go on, so the size of its ``last.ckpt`` stands in.
+    """
+    if not isinstance(err, DiskFullError):
+        last = Path(checkpoint_dir) / LAST_CHECKPOINT
+        err = DiskFullError(err.filename or run_dir, last.stat().st_size if last.is_file() else None)
+    return (
+        f"Training stopped: {err}. What was saved stays whole: free space there, then continue with: "
+        f"python -m dogbreed.train resume={run_dir}"
+    )
 
 
 def main() -> float | None:

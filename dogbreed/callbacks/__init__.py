@@ -5,6 +5,7 @@ The debugger and profiler record data into the run directory (:mod:`dogbreed.run
 :func:`dogbreed.rundir.load_profile`.
 """
 
+from dogbreed.callbacks.checkpoint_io import DurableCheckpointIO, checkpoint_damage
 from dogbreed.callbacks.debugger import Debugger
 from dogbreed.callbacks.ema import EMAWeights
 from dogbreed.callbacks.finetuning import BackboneFreezeUnfreeze
@@ -16,10 +17,12 @@ from dogbreed.callbacks.smdebug_bridge import SMDebugBridge
 __all__ = [
     "BackboneFreezeUnfreeze",
     "Debugger",
+    "DurableCheckpointIO",
     "EMAWeights",
     "LogMetrics",
     "Profiler",
     "ResumeState",
     "SMDebugBridge",
+    "checkpoint_damage",
     "format_metrics",
 ]

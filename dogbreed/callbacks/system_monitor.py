@@ -27,6 +27,8 @@ from typing import Any
 
 import psutil
 
+from dogbreed._io import DiskFullError, is_disk_full
+
 log = logging.getLogger(__name__)
 
 
@@ -183,6 +185,11 @@ class SystemMonitor:
                 while not self._stop.wait(self.interval):
                     f.write(json.dumps(sample_system(nvml, tree)) + "\n")
                     f.flush()
+        except OSError as err:
+            if is_disk_full(err):  # one line: training stops on the full disk itself and says where and how much
+                log.warning("System monitor stopped: %s", DiskFullError(self.path, None))
+            else:
+                log.exception("System monitor stopped")
         except Exception:  # never take training down with the monitor
             log.exception("System monitor stopped")
         finally:

@@ -16,7 +16,8 @@ height, width and CRC-32 of each image) and ``meta.json``, written last: the com
 the key (dataset file list with sizes and mtimes, resize settings, decoder, decoding device), the shard
 sizes and the index's checksum. Everything is written under temporary names and renamed, so an
 interrupted build leaves no ``meta.json`` and is rebuilt; a truncated or corrupted file fails its size
-or checksum test when opened and is rebuilt too.
+or checksum test when opened and is rebuilt too. A build the disk fills up under removes what it wrote
+and training goes on without the cache, decoding the files every epoch.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
-from dogbreed._io import file_lock, read_json, write_json
+from dogbreed._io import DiskFullError, file_lock, is_disk_full, read_json, write_json
 from dogbreed.data.decode import DecodedImageDataset, decode_jpegs_resized, decodes_on_device
 from dogbreed.transforms import Preprocessing
 
@@ -317,9 +318,36 @@ def build_cache(
     """
     folder.mkdir(parents=True, exist_ok=True)
     (folder / META).unlink(missing_ok=True)  # from here on the old files no longer count as a cache
-    for leftover in [*folder.glob(".*.tmp"), *folder.glob(shard_name("*"))]:  # builds hold the lock
-        leftover.unlink()
+    _remove_pixels(folder)
     start = time.perf_counter()
+    try:
+        cache = _build(folder, key, root, rel_paths, preprocessing, decoder, num_workers, device)
+    except BaseException:
+        _remove_pixels(folder)  # on a full disk they hold the space training needs
+        raise
+    log.info(
+        "Cached %d decoded images (%.2f GB) in %.1f s", len(rel_paths), cache.nbytes / 1e9, time.perf_counter() - start
+    )
+    return cache
+
+
+def _remove_pixels(folder: Path) -> None:
+    """Delete the pixel files and temporary files of a build (builds hold the lock: none is in progress)."""
+    for leftover in [*folder.glob(".*.tmp"), *folder.glob(shard_name("*")), folder / INDEX]:
+        leftover.unlink(missing_ok=True)
+
+
+def _build(
+    folder: Path,
+    key: str,
+    root: Path,
+    rel_paths: Sequence[str],
+    preprocessing: Preprocessing,
+    decoder: str,
+    num_workers: int,
+    device: str | None,
+) -> DecodedImageCache:
+    """The writing half of :func:`build_cache`, into a folder that holds no cache files."""
     images = DecodedImageDataset(root, [(rel, 0) for rel in rel_paths], preprocessing.resize_transform(), decoder)
     if device is None:
         index = _write_on_cpu(images, folder, num_workers)
@@ -344,11 +372,7 @@ def build_cache(
         "resize_size": preprocessing.resize_size,
     }
     write_json(folder / META, meta, indent=1)  # last: it marks the cache complete
-    cache = DecodedImageCache(folder, index, shards)
-    log.info(
-        "Cached %d decoded images (%.2f GB) in %.1f s", len(rel_paths), cache.nbytes / 1e9, time.perf_counter() - start
-    )
-    return cache
+    return DecodedImageCache(folder, index, shards)
 
 
 def load_or_build(
@@ -394,4 +418,10 @@ def load_or_build(
                 size / 1e9, folder, free / 1e9,
             )  # fmt: skip
             return None
-        return build_cache(folder, key, root, rel_paths, preprocessing, decoder, num_workers, device)
+        try:
+            return build_cache(folder, key, root, rel_paths, preprocessing, decoder, num_workers, device)
+        except OSError as err:  # the disk filled up after the check above (other writers, a low estimate)
+            if not is_disk_full(err):
+                raise
+            log.warning("Not caching: %s; images are decoded every epoch.", DiskFullError(folder, size))
+            return None

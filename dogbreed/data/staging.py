@@ -4,7 +4,8 @@ Remote sources land in ``<cache_dir>/<key>/`` with a ``manifest.json`` (relative
 etag). Every file is written under a temporary name and renamed only once its size is verified, and the
 manifest is written last, so an interrupted transfer is resumed rather than mistaken for a complete one.
 A second run with the manifest in place transfers nothing. Concurrent stagers (DDP ranks, parallel
-tuning trials) serialise on a file lock.
+tuning trials) serialise on a file lock. A full disk stops staging with a one-line :class:`DataError` (the
+folder, the bytes needed and free), leaving no file a later run would trust.
 """
 
 from __future__ import annotations
@@ -22,10 +23,12 @@ from urllib.parse import urlparse
 
 from dogbreed._io import (
     DataError,
+    DiskFullError,
     atomic_path,
     cache_key,
     default_cache_dir,
     file_lock,
+    is_disk_full,
     read_json,
     s3_client,
     sha256_file,
@@ -75,13 +78,22 @@ def stage(source: str | Path, cache_dir: str | Path | None = None, *, endpoint_u
         return path
     target = state_dir(source, cache_dir)
     target.mkdir(parents=True, exist_ok=True)
-    with file_lock(target.with_suffix(".lock")):
-        if fashion_mnist.is_source(source):
-            return fashion_mnist.stage(source, target)
-        if scheme == "s3":
-            _stage_s3(source, target, endpoint_url)
-        else:
-            _stage_archive(source, target)
+    try:
+        with file_lock(target.with_suffix(".lock")):
+            if fashion_mnist.is_source(source):
+                return fashion_mnist.stage(source, target)
+            if scheme == "s3":
+                _stage_s3(source, target, endpoint_url)
+            else:
+                _stage_archive(source, target)
+    except OSError as err:
+        if not is_disk_full(err):
+            raise
+        full = err if isinstance(err, DiskFullError) else DiskFullError(target, None)
+        raise DataError(
+            f"staging {source}: {full}. Free space there or set paths.cache_dir to a larger disk, then run again "
+            "(nothing half-staged is trusted)."
+        ) from err
     return dataset_root(target / "files")
 
 
@@ -126,13 +138,17 @@ def _stage_s3(source: str, target: Path, endpoint_url: str | None) -> None:
             f"no objects under {source}: upload the dataset with `python -m dogbreed.data upload DIR {source}`."
         )
     files_dir = target / "files"
+    dests = {rel: files_dir / safe_relpath(rel, what=source) for rel in listed}
+    pending = sum(obj["Size"] for rel, obj in listed.items() if not _staged(manifest.get(rel), obj, dests[rel]))
+    if pending > shutil.disk_usage(target).free:  # before a byte is written, with the size it needs
+        raise DiskFullError(files_dir, pending)
     entries: dict[str, dict[str, Any]] = {}
     transferred = 0
     for rel, obj in sorted(listed.items()):
-        dest = files_dir / safe_relpath(rel, what=source)
+        dest = dests[rel]
         etag = obj["ETag"].strip('"')
         known = manifest.get(rel)
-        if known and known["etag"] == etag and dest.is_file() and dest.stat().st_size == known["size"]:
+        if _staged(known, obj, dest):
             entries[rel] = known
             continue
         with atomic_path(dest) as tmp:
@@ -153,6 +169,16 @@ def _stage_s3(source: str, target: Path, endpoint_url: str | None) -> None:
         files_dir,
         transferred,
         len(entries) - transferred,
+    )
+
+
+def _staged(known: dict[str, Any] | None, obj: dict[str, Any], dest: Path) -> bool:
+    """Whether the manifest's entry ``known`` still describes the listed object ``obj``, staged whole at ``dest``."""
+    return (
+        bool(known)
+        and known["etag"] == obj["ETag"].strip('"')
+        and dest.is_file()
+        and dest.stat().st_size == known["size"]
     )
 
 

@@ -9,8 +9,9 @@ SageMaker runs ``dogbreed_entry.py`` (written by the launcher next to the shippe
 - ``SM_MODEL_DIR`` -> ``paths.model_dir`` (uploaded as ``model.tar.gz``), ``SM_OUTPUT_DATA_DIR`` ->
   ``paths.output_dir`` (uploaded as ``output.tar.gz``);
 - ``<base>/checkpoints`` (synced with ``checkpoint_s3_uri``) -> ``paths.checkpoint_dir``; a ``last.ckpt``
-  there (a restarted spot job) resumes training. A job without that dir keeps its checkpoints in scratch
-  space (``$TMPDIR/dogbreed-checkpoints``), so that ``output.tar.gz`` carries no checkpoints: the test with
+  there (a restarted spot job) resumes training (from the newest whole checkpoint there where ``last.ckpt``
+  is damaged: see :func:`dogbreed.train.resolve_ckpt_path`). A job without that dir keeps its checkpoints in
+  scratch space (``$TMPDIR/dogbreed-checkpoints``), so that ``output.tar.gz`` carries no checkpoints: the test with
   the best checkpoint still runs, and only the exported model leaves the job.
 
 ``<base>`` is ``/opt/ml``, or ``SAGEMAKER_BASE_DIR`` as in SageMaker's training toolkit. The job prints no
@@ -31,6 +32,7 @@ from pathlib import Path
 from omegaconf import DictConfig, open_dict
 
 import dogbreed
+from dogbreed._io import DiskFullError, is_disk_full
 from dogbreed.sagemaker.hyperparameters import hyperparameters_to_overrides
 
 log = logging.getLogger(__name__)
@@ -93,10 +95,17 @@ def failure_reason(err: BaseException, given: Sequence[str]) -> str:
 
     SageMaker shows the file's first 1024 characters as the job's FailureReason. Hydra names a bad key or
     config group itself; a wrong value that fails deep in training (``'>' not supported between 'int' and
-    'str'``) does not, so the overrides the job was given follow the error.
+    'str'``) does not, so the overrides the job was given follow the error. A full disk names the path, the
+    space needed and free, and the fix, instead of ``[Errno 28] No space left on device``.
     """
     overrides = f"\nJob overrides: {' '.join(given)}"[:400] if given else ""
-    return f"{type(err).__name__}: {err}"[: 1024 - len(overrides)] + overrides
+    if is_disk_full(err):
+        path = getattr(err, "filename", None) or base_dir()  # a failed write() names no file: the job's disk
+        full = err if isinstance(err, DiskFullError) else DiskFullError(path, None)
+        reason = f"{full}: start the job again with a larger sagemaker.volume_size (GB)"
+    else:
+        reason = f"{type(err).__name__}: {err}"
+    return reason[: 1024 - len(overrides)] + overrides
 
 
 def without_progress_bar(cfg: DictConfig) -> DictConfig:

@@ -1,0 +1,54 @@
+"""``DurableCheckpointIO``: checkpoints that a kill or a full disk never leaves half-written."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.utilities.types import _PATH
+
+from dogbreed._io import write_bytes_durably
+
+
+class DurableCheckpointIO(TorchCheckpointIO):
+    """Lightning's ``torch.save`` checkpoints, written to a temporary file in their own folder and renamed.
+
+    Lightning stages a checkpoint in the system's temporary folder and moves it into place; where that is
+    another file system (a run dir on its own disk, ``/opt/ml/checkpoints``) the move is a copy over the old
+    file, so a kill or a full disk during the copy leaves a ``last.ckpt`` cut short where a whole one was, and
+    the resume fails in ``torch.load``. Here the old file stays until the new one is complete and fsynced
+    beside it (see :func:`dogbreed._io.write_bytes_durably`); a checkpoint the disk has no room for is a
+    one-line :class:`dogbreed._io.DiskFullError` naming the file, its size and the space free.
+    ``checkpoint_bytes`` is the size of the last one written. URLs (``s3://``) are left to Lightning.
+    """
+
+    def __init__(self) -> None:
+        self.checkpoint_bytes: int | None = None
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+        if storage_options is not None or "://" in str(path):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        self.checkpoint_bytes = buffer.getbuffer().nbytes
+        write_bytes_durably(Path(path), buffer.getbuffer())
+
+
+def checkpoint_damage(path: Path) -> str | None:
+    """Why ``path`` is not a whole checkpoint, or None when it is.
+
+    ``torch.save`` writes a zip archive: a file cut short lacks the central directory at its end, and
+    changed bytes fail a member's CRC-32. Checked here, a damaged file is one line instead of torch.load's
+    ``PytorchStreamReader failed reading zip archive`` traceback deep inside ``Trainer.fit``.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (OSError, EOFError, zipfile.BadZipFile) as err:
+        return f"cut short or corrupted: {err}"
+    return f"{bad} fails its CRC-32" if bad else None
