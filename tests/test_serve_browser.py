@@ -94,7 +94,8 @@ def server(page_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         process.wait(timeout=30)
 
 
-def test_photo_gives_top5_and_heat_map_in_chromium(server: str, tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_photo_gives_top5_and_heat_map_in_chromium(server: str, page_model: Path, tmp_path: Path) -> None:
     """Upload the Labrador through the file input; the top 5 with bars and a non-uniform heat map appear."""
 
     problems: list[str] = []  # console errors (a CSP violation is one) and uncaught exceptions
@@ -105,7 +106,11 @@ def test_photo_gives_top5_and_heat_map_in_chromium(server: str, tmp_path: Path) 
             page.on("console", lambda message: message.type == "error" and problems.append(message.text))
             page.on("pageerror", lambda error: problems.append(str(error)))
             page.goto(server, wait_until="load")
-            expect(page.locator("h1")).to_have_text("Which breed is it?")
+            # the page names what it serves: the classes, the run and the runtime (GET /model)
+            expect(page.locator("h1")).to_have_text(f"Which of its {len(BREEDS)} classes is it?")
+            about = page.locator("#about")
+            expect(about).to_contain_text(f"A resnet18 that knows {len(BREEDS)} classes (Affenpinscher, Afghan hound,")
+            expect(about).to_contain_text(f"trained in run {page_model.parent.name}, served with the eager runtime")
             page.set_input_files("#file", PHOTO)
             items = page.locator("#top5 li")
             expect(items).to_have_count(5, timeout=60_000)

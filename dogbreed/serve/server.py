@@ -3,7 +3,8 @@
 Routes: ``GET /ping`` (200 once the model is loaded), ``POST /invocations`` and
 ``POST /endpoints/{name}/invocations`` (the path boto3's ``sagemaker-runtime`` client calls when given
 ``endpoint_url``), and for people ``GET /``: a page that asks ``/invocations?explain=true`` about a photo
-and shows the top 5 and the Grad-CAM heat map (its files, ``static/``, ship in the package; it loads nothing
+and shows the top 5 and the Grad-CAM heat map, above what it serves (``GET /model``: the classes, the runtime and
+the run the model came from) (its files, ``static/``, ship in the package; it loads nothing
 from elsewhere, and its Content-Security-Policy allows only this server).
 
 Each request is decoded and preprocessed by the same code SageMaker runs (:mod:`dogbreed.serve.codec`,
@@ -312,6 +313,10 @@ def create_app(model: DogBreedModel, config: ServerConfig | None = None) -> Star
             {"status": "ok", "runtime": model.runtime, "batches": batcher.batches, "images": batcher.images}
         )
 
+    async def describe(request: Request) -> Response:
+        """What the page says it serves: the classes, the runtime and the run the model came from."""
+        return JSONResponse({"runtime": model.runtime, "classes": model.class_names, **model.about})
+
     async def page(request: Request) -> Response:
         name = request.path_params.get("name", "index.html")
         if name not in files:
@@ -411,6 +416,7 @@ def create_app(model: DogBreedModel, config: ServerConfig | None = None) -> Star
         Route("/", page, methods=["GET"]),
         Route("/static/{name}", page, methods=["GET"]),
         Route("/ping", ping, methods=["GET"]),
+        Route("/model", describe, methods=["GET"]),
         Route("/invocations", invocations, methods=["POST"]),
         Route("/endpoints/{name}/invocations", invocations, methods=["POST"]),
     ]

@@ -146,3 +146,24 @@ drop.addEventListener("drop", (event) => {
 });
 // a photo dropped next to the zone must not make the browser leave the page to open it
 for (const type of ["dragover", "drop"]) window.addEventListener(type, (event) => event.preventDefault());
+
+// Say what this server serves, so that nobody takes a Fashion-MNIST demo model for a dog-breed one
+async function describeModel() {
+  try {
+    const response = await fetch("model", { headers: { Accept: "application/json" } });
+    if (!response.ok) return;
+    const about = await response.json();
+    const names = about.classes.map(pretty);
+    const listed = names.length > 6 ? `${names.slice(0, 5).join(", ")}, … ${names[names.length - 1]}` : names.join(", ");
+    const run = about.source ? about.source.split("/").filter(Boolean).pop() : "an unnamed run";
+    $("title").textContent = `Which of its ${names.length} classes is it?`;
+    $("about").textContent =
+      `A ${about.backbone} that knows ${names.length} classes (${listed}), trained in run ${run}, served with the ` +
+      `${about.runtime} runtime. Pick or drop a photo: it answers with its five likeliest classes and shows where ` +
+      "it looked.";
+    $("about").title = about.source || "";
+  } catch (err) {
+    // the page still works without the description: keep the generic text
+  }
+}
+describeModel();
