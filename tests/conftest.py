@@ -32,6 +32,23 @@ TINY_BREEDS = ["Affenpinscher", "Afghan_hound", "Beagle", "Boxer", "Brittany", "
                "Labrador_retriever", "Pug"]  # the classes of tiny_model_dir  # fmt: skip
 
 
+# Session setups that take seconds to a minute on the 2-core CI machine: a test that needs one is slow, marked
+# here so that ``pytest -m "not slow"`` never builds them (docs/contributing.md); the rest are marked one by one.
+SLOW_FIXTURES = {
+    "debug_demo_run": "trains the demo for 3 epochs with the debugger, profiler and report",
+    "clone_copy": "copies the checkout's files for a wheel or an image build",
+    "bare_python": "a virtualenv with SageMaker's toolkits and TorchServe",
+    "mlflow_server": "starts an MLflow tracking server",
+    "postgres_url": "initialises and starts a PostgreSQL server",
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SLOW_FIXTURES.keys() & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 def compose_config(overrides: list[str] | None = None) -> DictConfig:
     """Compose ``conf/train.yaml`` exactly as the CLI does, without Hydra's runtime."""
     return compose("train", overrides or [])

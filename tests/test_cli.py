@@ -57,6 +57,7 @@ def test_subcommand_runs_the_scripts_main(name: str) -> None:
     assert SCRIPTS[f"dogbreed-{name}"] == COMMANDS[name].target
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(COMMANDS))
 def test_subcommand_help_is_the_jobs_own(name: str) -> None:
     words = ["stage"] if name == "data" else []  # the data tool's verbs have their own --help
@@ -67,12 +68,14 @@ def test_subcommand_help_is_the_jobs_own(name: str) -> None:
     assert len(result.stdout.splitlines()) == len(script.stdout.splitlines()) > 1, (result.stdout, script.stdout)
 
 
+@pytest.mark.slow
 def test_subcommand_passes_hydra_overrides() -> None:
     result = _run(str(DOGBREED), "train", "--cfg", "job", "experiment=demo", "model.lr=0.0123")
     assert result.returncode == 0, result.stderr
     assert "lr: 0.0123" in result.stdout
 
 
+@pytest.mark.slow
 def test_subcommand_exit_status_is_the_jobs(tmp_path: Path) -> None:
     """A job's error status comes back through the dispatcher (data check of a missing folder: 2)."""
     result = _run(str(DOGBREED), "data", "check", str(tmp_path / "missing"))

@@ -209,7 +209,6 @@ def test_check_input_images_quiet_on_normalised_inputs(tmp_path: Path) -> None:
     assert results["check_input_images"]["status"] == NO_ISSUES
 
 
-@pytest.mark.slow
 def test_class_imbalance_fires_on_a_one_class_dominated_dataset(demo_cfg, tmp_path: Path) -> None:
     """A real run of the demo model on 22 images of one class and 2 of the other."""
     source = tmp_path / "imbalanced"

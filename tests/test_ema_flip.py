@@ -29,7 +29,7 @@ def test_test_time_flip_evaluates_the_mean_logits_of_the_image_and_its_mirror():
         assert torch.equal(model.evaluate(x), model(x))
 
 
-@pytest.mark.parametrize("runtime", ["eager", "export", "torchscript"])
+@pytest.mark.parametrize("runtime", ["eager", pytest.param("export", marks=pytest.mark.slow), "torchscript"])
 def test_a_flip_tested_model_answers_with_flip_averaged_probabilities_when_served(tmp_path: Path, runtime):
     from dogbreed.artifacts import write_model_dir
     from dogbreed.serve.package import build_package, extract_package

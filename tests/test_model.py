@@ -134,7 +134,7 @@ def test_backbone_kwargs_build_plain_values_and_torch_nn_classes_only():
         backbone_kwargs_spec({"norm_layer": functools.partial(collections.OrderedDict, a=1)})
 
 
-@pytest.mark.parametrize("runtime", ["eager", "export", "torchscript"])
+@pytest.mark.parametrize("runtime", ["eager", pytest.param("export", marks=pytest.mark.slow), "torchscript"])
 def test_a_model_built_with_backbone_kwargs_is_served_as_it_was_trained(tmp_path, runtime):
     """BatchNorm eps is in no state dict: a served model rebuilt without the recorded arguments answers otherwise."""
     from dogbreed.artifacts import read_model_dir, write_model_dir

@@ -124,6 +124,7 @@ def test_source_dir_ships_the_configs_and_not_the_demo_data() -> None:
         assert not (code / "dogbreed" / "demo_data").exists()
 
 
+@pytest.mark.slow
 def test_entry_point_failure_reason(tmp_path: Path) -> None:
     """A job that cannot start leaves SageMaker's failure file naming the problem."""
     (tmp_path / "input" / "config").mkdir(parents=True)

@@ -87,7 +87,6 @@ def newest_pytorch_training() -> str:
     return ".".join(newest.split(".")[:2])
 
 
-@pytest.mark.slow
 def test_train_job_request(sm: Callable, image_folder: Callable[..., Path], tmp_path: Path) -> None:
     data = image_folder("dogs")
     weights = tmp_path / "resnet18-f37072fd.pth"

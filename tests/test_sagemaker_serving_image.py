@@ -47,6 +47,7 @@ def test_no_other_installed_package_claims_the_entry_command() -> None:
     assert [script.dist.name for script in claims] == ["dogbreed"]
 
 
+@pytest.mark.slow
 def test_entry_command_serves_a_packaged_model(
     clone_copy: Path, tiny_package: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
 ) -> None:

@@ -143,6 +143,7 @@ def test_training_toolkit_runs_the_job(tmp_path: Path, bare_python: IsolatedPyth
     assert Path(test_metrics["best_checkpoint"]).parent == kept  # the test ran on the best checkpoint
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("override", "error"),
     [

@@ -204,6 +204,7 @@ def raw_cases() -> list[tuple[str, bytes]]:
     ]
 
 
+@pytest.mark.slow
 def test_malformed_requests_get_4xx_and_json_errors(endpoint: Endpoint) -> None:
     cases = http_cases()
     with httpx.Client(base_url=endpoint.url, timeout=30) as client:
@@ -273,6 +274,7 @@ def test_slow_clients_are_dropped_and_ping_keeps_answering(endpoint: Endpoint) -
     assert ok.status_code == 200
 
 
+@pytest.mark.slow
 def test_connections_whose_headers_never_finish_are_closed(endpoint: Endpoint) -> None:
     """uvicorn alone keeps them open for ever (slowloris); a keep-alive connection that is used in time stays."""
     host, port = endpoint.url.removeprefix("http://").split(":")

@@ -190,6 +190,7 @@ def test_explain_adds_grad_cam_and_keeps_the_answer(endpoint: Endpoint) -> None:
     assert big.status_code == 413 and big.json()["error"] == "body_too_large"
 
 
+@pytest.mark.slow
 def test_explain_without_gradients_is_refused_and_plain_requests_answer(
     tiny_package: Callable[..., Path], tmp_path: Path
 ) -> None:
@@ -302,7 +303,6 @@ async def hammer(url: str, n: int, concurrency: int) -> tuple[list[int], list[fl
     return statuses, pings
 
 
-@pytest.mark.slow
 def test_500_requests_at_concurrency_16(endpoint: Endpoint) -> None:
     server = psutil.Process(endpoint.process.pid)
     before = httpx.get(f"{endpoint.url}/ping").json()
@@ -346,7 +346,6 @@ def listening(url: str) -> bool:
     return True
 
 
-@pytest.mark.slow
 def test_graceful_shutdown_finishes_in_flight_requests(package: Path, tmp_path: Path) -> None:
     """SIGTERM while 8 requests are half uploaded: the server stops listening, yet reads and answers all 8."""
     endpoint = start_endpoint(package, tmp_path / "server.log", "--max-delay-ms", "50")

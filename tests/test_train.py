@@ -66,6 +66,7 @@ class _EpochsStarted(L.Callback):
         self.started.append(trainer.current_epoch)
 
 
+@pytest.mark.slow
 def test_a_run_killed_mid_epoch_resumes_without_redoing_finished_epochs(demo_cfg):
     with open_dict(demo_cfg):
         demo_cfg.trainer.max_epochs = 3
@@ -98,12 +99,14 @@ def test_cli_prints_the_composed_config(tmp_path):
     assert "num_classes: ${data.num_classes}" in done.stdout
 
 
+@pytest.mark.slow
 def test_cli_help_lists_the_config_groups(tmp_path):
     done = _cli("--help", cwd=tmp_path)
     assert done.returncode == 0
     assert "experiment: demo, dogimages" in done.stdout and "trainer: cpu, ddp, default, gpu" in done.stdout
 
 
+@pytest.mark.slow
 def test_cli_bad_source_is_one_clear_line_not_a_traceback(tmp_path):
     done = _cli("experiment=demo", f"data.source={tmp_path}/nowhere", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
     assert done.returncode == 2
@@ -111,6 +114,7 @@ def test_cli_bad_source_is_one_clear_line_not_a_traceback(tmp_path):
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.slow
 def test_cli_refuses_backbone_kwargs_serving_cannot_rebuild_before_training(tmp_path):
     done = _cli(
         "experiment=demo", "+model.backbone_kwargs.norm_layer._target_=collections.OrderedDict",
