@@ -149,12 +149,12 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[Callback] = ()) -> dict[str
     model: DogBreedClassifier = instantiate(cfg.model)
     callbacks = [resume_state, *instantiate_group(cfg.get("callbacks"), "callback"), *extra_callbacks]
     loggers = instantiate_group(cfg.get("logger"), "logger")
-    plugins = []
+    plugins = {}  # none given: trainer.plugins, if a config sets it, stays as it is
     if cfg.get("checkpoint_io"):
         log.info("Instantiating checkpoint_io <%s>", cfg.checkpoint_io._target_)
-        plugins.append(instantiate(cfg.checkpoint_io))
+        plugins["plugins"] = [instantiate(cfg.checkpoint_io)]
     log.info("Instantiating trainer <%s>", cfg.trainer._target_)
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins or None)
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **plugins)
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 

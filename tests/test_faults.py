@@ -1,5 +1,6 @@
-"""Faults a job meets, each injected for real: a kill in the middle of writing a checkpoint, a damaged checkpoint
-to resume from, a disk that fills up under training, the decoded-image cache and staging."""
+"""Faults a job meets, each injected for real: a spot interruption of a SageMaker job, a kill in the middle of
+writing a checkpoint, a damaged checkpoint to resume from, a disk that fills up under training, the decoded-image
+cache and staging."""
 
 from __future__ import annotations
 
@@ -14,8 +15,11 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +32,13 @@ from dogbreed.callbacks import checkpoint_damage
 from dogbreed.data import DataError, DogBreedDataModule, staging
 from dogbreed.data import cache as cache_module
 from dogbreed.data.cache import CachedImageDataset
-from dogbreed.sagemaker.entry import container_overrides, failure_reason
+from dogbreed.sagemaker.entry import DATA_CHANNEL, ENTRY_SCRIPT, container_overrides, failure_reason
+from dogbreed.sagemaker.hyperparameters import overrides_to_hyperparameters
+from dogbreed.sagemaker.launcher import source_dir
 from dogbreed.train import CheckpointError, disk_full_message, resolve_ckpt_path
 
 from .conftest import SMALL, write_image_folder, write_varied_folder
+from .installed import IsolatedPython
 
 EPOCHS, BATCHES = 2, 6  # the faults strike in epoch 1, after epoch 0's checkpoints are on disk
 TINY_RUN = [
@@ -94,23 +101,32 @@ def finish(proc: subprocess.Popen, log: Path) -> None:
     assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
 
 
-def wait_for_epoch_1(proc: subprocess.Popen, run: Path) -> None:
-    """Until training is a step into epoch 1 (epoch 0's checkpoints written): its recorded losses say so."""
-    losses = run / "debug-output" / "losses.jsonl"
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file; a line being written is skipped."""
+    records = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def wait_for_step(proc: subprocess.Popen, run: Path, step: int) -> None:
+    """Until the run's recorded losses reach training step ``step``."""
     deadline = time.monotonic() + 300
-    while True:
-        steps = []
-        for line in losses.read_text().splitlines() if losses.is_file() else []:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:  # a line being written
-                continue
-            steps += [record["step"]] if record["mode"] == "train" else []
-        if max(steps, default=-1) >= BATCHES + 1:
-            return
-        assert proc.poll() is None, "the run ended before epoch 1"
-        assert time.monotonic() < deadline, "the run did not reach epoch 1"
+    while (
+        max((r["step"] for r in read_jsonl(run / "debug-output" / "losses.jsonl") if r["mode"] == "train"), default=-1)
+        < step
+    ):
+        assert proc.poll() is None, f"the run ended before step {step}"
+        assert time.monotonic() < deadline, f"the run did not reach step {step}"
         time.sleep(0.02)
+
+
+def wait_for_epoch_1(proc: subprocess.Popen, run: Path) -> None:
+    """Until training is a step into epoch 1 (epoch 0's checkpoints written)."""
+    wait_for_step(proc, run, BATCHES + 1)
 
 
 def test_metrics(run: Path) -> dict[str, Any]:
@@ -142,6 +158,116 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]
     common = [*TINY_RUN, f"paths.cache_dir={root / 'cache'}"]
     finish(cli([*common, f"hydra.run.dir={root / 'run'}"], root / "run.log", root), root / "run.log")
     return root / "run", common
+
+
+# --- a spot interruption of a SageMaker job ---------------------------------------------------------------
+
+SPOT_EPOCHS, SPOT_BATCHES = 3, 6
+SPOT_JOB = [
+    "experiment=demo", f"trainer.max_epochs={SPOT_EPOCHS}", f"+trainer.limit_train_batches={SPOT_BATCHES}",
+    "+trainer.limit_val_batches=2", "+trainer.limit_test_batches=2", "data.num_workers=0", "data.cache=false",
+    "data.image_size=32", "data.resize_size=36", "report=false", "callbacks.debugger.flush_every=1",
+]  # fmt: skip
+
+
+def start_spot_job(root: Path, python: IsolatedPython, sourcedir: Path) -> tuple[Path, subprocess.Popen]:
+    """Start SageMaker's training toolkit on ``root/opt/ml`` as a spot job's container does (its checkpoint dir
+    synced with ``checkpoint_s3_uri`` and kept between attempts), in a session of its own; return base dir, process.
+
+    The layout is ``tests/test_sagemaker_training_toolkit.py``'s: the job's config files, the ``training``
+    channel, the source dir tarball, ``python`` without dogbreed, no package index.
+    """
+    base = root / "opt" / "ml"
+    config = base / "input" / "config"
+    if not config.is_dir():  # a restarted attempt gets the same input and its checkpoints back
+        config.mkdir(parents=True)
+        shutil.copytree(Path(str(files("dogbreed") / "demo_data")), base / "input" / "data" / DATA_CHANNEL)
+        (base / "checkpoints").mkdir()
+        hyperparameters = {k: json.dumps(v) for k, v in overrides_to_hyperparameters(SPOT_JOB).items()}
+        hyperparameters |= {
+            k: json.dumps(v)
+            for k, v in {
+                "sagemaker_program": ENTRY_SCRIPT, "sagemaker_submit_directory": str(sourcedir),
+                "sagemaker_container_log_level": 20, "sagemaker_job_name": "dogbreed-spot",
+                "sagemaker_region": "us-east-1",
+            }.items()
+        }  # fmt: skip
+        (config / "hyperparameters.json").write_text(json.dumps(hyperparameters))
+        (config / "inputdataconfig.json").write_text(
+            json.dumps({DATA_CHANNEL: {"TrainingInputMode": "File", "S3DistributionType": "FullyReplicated"}})
+        )
+        (config / "resourceconfig.json").write_text(
+            json.dumps({"current_host": "localhost", "hosts": ["localhost"], "network_interface_name": "lo"})
+        )
+    scratch = root / "tmp"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir()
+    env = python.env() | {
+        "SAGEMAKER_BASE_DIR": str(base), "SAGEMAKER_TRAINING_MODULE": "sagemaker_pytorch_container.training:main",
+        "TMPDIR": str(scratch), "PIP_NO_INDEX": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1", "OMP_NUM_THREADS": "2",
+    }  # fmt: skip
+    attempt = len(list(root.glob("attempt-*.log")))
+    with open(root / f"attempt-{attempt}.log", "wb") as out:
+        proc = subprocess.Popen(
+            [str(python.bin / "train")], env=env, cwd=root, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+    return base, proc
+
+
+@pytest.fixture
+def sourcedir(tmp_path: Path) -> Path:
+    """The launcher's source dir, packed as the SDK packs it."""
+    tarball = tmp_path / "sourcedir.tar.gz"
+    with source_dir() as code, tarfile.open(tarball, "w:gz") as tar:
+        for path in sorted(code.iterdir()):
+            tar.add(path, arcname=path.name)
+    return tarball
+
+
+@pytest.mark.slow
+def test_a_spot_job_killed_mid_epoch_and_restarted_ends_as_if_never_interrupted(
+    tmp_path: Path, bare_python: IsolatedPython, sourcedir: Path
+):
+    whole_base, whole = start_spot_job(tmp_path / "whole", bare_python, sourcedir)
+    assert whole.wait(timeout=600) == 0, (tmp_path / "whole" / "attempt-0.log").read_text()[-5000:]
+
+    root = tmp_path / "spot"
+    base, proc = start_spot_job(root, bare_python, sourcedir)
+    kill_step = 2 * SPOT_BATCHES + 2  # mid-epoch 2: checkpoints/last.ckpt holds epoch 1
+    try:
+        wait_for_step(proc, base / "output" / "data", kill_step)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the instance is reclaimed: every process of the container
+        proc.wait(timeout=60)
+    resumed_from = torch.load(base / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert resumed_from["epoch"] == 1 and not (base / "output" / "success").exists()
+    for fresh in ("output", "model", "code"):  # SageMaker restarts the job in a new container
+        shutil.rmtree(base / fresh, ignore_errors=True)
+
+    base, proc = start_spot_job(root, bare_python, sourcedir)
+    assert proc.wait(timeout=600) == 0, (root / "attempt-1.log").read_text()[-5000:]
+    log = (root / "attempt-1.log").read_text()
+    assert f"ckpt_path={base / 'checkpoints' / 'last.ckpt'}" in log and (base / "output" / "success").is_file()
+
+    output, expected = base / "output" / "data", whole_base / "output" / "data"
+    got = json.loads((output / "metrics.json").read_text())
+    assert {k: v for k, v in got.items() if k.startswith("test/")} == {
+        k: v for k, v in json.loads((expected / "metrics.json").read_text()).items() if k.startswith("test/")
+    }
+    assert got["epochs"] == SPOT_EPOCHS
+    assert sorted(p.name for p in (base / "model").iterdir()) == sorted(
+        p.name for p in (whole_base / "model").iterdir()
+    )
+    # the new container's records go on from the checkpoint, each step once
+    first = resumed_from["global_step"]
+    losses = read_jsonl(output / "debug-output" / "losses.jsonl")
+    assert [r["step"] for r in losses if r["mode"] == "train"] == list(range(first, SPOT_EPOCHS * SPOT_BATCHES))
+    assert not [k for k, n in Counter((r["step"], r["mode"]) for r in losses).items() if n > 1]
+    tensors = read_jsonl(output / "debug-output" / "tensors.jsonl")
+    assert not [k for k, n in Counter((r["step"], r["mode"], r.get("name")) for r in tensors).items() if n > 1]
+    steps = [r["step"] for r in read_jsonl(output / "profiler-output" / "steps.jsonl")]
+    assert steps == list(range(first, SPOT_EPOCHS * SPOT_BATCHES))
 
 
 # --- a crash in the middle of writing a checkpoint --------------------------------------------------------
@@ -336,9 +462,9 @@ def test_a_disk_filling_up_in_the_middle_of_staging_leaves_no_file_a_later_run_t
     real_client = staging.s3_client
     filled: list[Path] = []
 
-    def client_that_fills_the_disk(endpoint_url: str | None = None) -> Any:
+    def client_that_fills_the_disk(*args: Any, **kwargs: Any) -> Any:
         """The real client; as the third object is asked for, another writer takes the disk's space."""
-        client = real_client(endpoint_url)
+        client = real_client(*args, **kwargs)
         calls = 0
 
         def before_get_object(**kwargs: Any) -> None:
