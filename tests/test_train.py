@@ -92,6 +92,7 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_cli_prints_the_composed_config(tmp_path):
     done = _cli("experiment=demo", "--cfg", "job", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
