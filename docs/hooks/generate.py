@@ -114,11 +114,11 @@ def _table(entries: list[Entry]) -> str:
 
 
 def _defaults(name: str) -> dict[str, str]:
-    """``{group: option}`` of a primary config's own defaults list."""
+    """``{group: option}`` of a config's own defaults list (``null``: no option unless one is chosen)."""
     chosen: dict[str, str] = {}
     for item in OmegaConf.to_container(OmegaConf.load(CONF / f"{name}.yaml")).get("defaults", []):
         if isinstance(item, dict):
-            chosen.update({str(k): str(v) for k, v in item.items()})
+            chosen.update({str(k): "null" if v is None else str(v) for k, v in item.items()})
     return chosen
 
 
@@ -143,10 +143,19 @@ def config_reference(conf: Path = CONF) -> str:
         header, entries = read_yaml(conf / f"{name}.yaml", package="")
         out += ["", f"### `{name}.yaml`", "", *_header(header), "", _table(entries)]
     chosen = {name: _defaults(name) for name in PRIMARY}
+    # an option may choose the default of a group nested under its own (model=resnet18 picks model/optimizer)
+    nested: dict[str, list[str]] = {}
+    for group, files in groups(conf).items():
+        for path in files:
+            for key, option in _defaults(path.relative_to(conf).with_suffix("").as_posix()).items():
+                if not key.startswith(("/", "override")):
+                    nested.setdefault(f"{group}/{key}", []).append(f"`{option}` with `{group}={path.stem}`")
     out += ["", "## Groups", "", "Choose an option with `GROUP=OPTION` (`data=demo`, `model/optimizer=sgd`)."]
     for group, files in groups(conf).items():
         options = ", ".join(f"`{p.stem}`" for p in files)
-        default = "; ".join(f"`{chosen[n][group]}` in `{n}.yaml`" for n in PRIMARY if group in chosen[n])
+        default = "; ".join(
+            [f"`{chosen[n][group]}` in `{n}.yaml`" for n in PRIMARY if group in chosen[n]] + nested.get(group, [])
+        )
         out += ["", f"### `{group}`", "", f"Options: {options}. Default: {default or 'none (`null`)'}."]
         for path in files:
             header, entries = read_yaml(path, package=group.replace("/", "."))
