@@ -131,10 +131,3 @@ def test_rules_table_has_every_rule_and_default(site: Path) -> None:
             if key != "stop_training_on_fire":
                 shown = "null" if value is None else str(value).lower() if isinstance(value, bool) else value
                 assert f"<code>{key}={shown}</code>" in row.group(0), (name, key)
-
-
-def test_faults_page_joins_the_navigation_when_written(tmp_path: Path) -> None:
-    config = {"docs_dir": str(tmp_path), "nav": [{"Home": "index.md"}]}
-    assert generate.on_config(dict(config))["nav"] == [{"Home": "index.md"}]
-    (tmp_path / "faults.md").write_text("# Faults\n")
-    assert generate.on_config(dict(config))["nav"][-1] == {"Faults and recovery": "faults.md"}

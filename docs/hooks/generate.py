@@ -2,7 +2,7 @@
 
 ``<!-- generated: config-reference -->`` becomes the reference of ``conf/`` (every group, option, key, default and
 the YAML comment above or beside it) and ``<!-- generated: rules-table -->`` the table of the rule classes of
-``dogbreed.rules`` with their default thresholds. ``docs/faults.md`` joins the navigation when it exists.
+``dogbreed.rules`` with their default thresholds.
 Hooked in by ``mkdocs.yml``; ``tests/test_docs.py`` imports these functions too.
 """
 
@@ -113,10 +113,10 @@ def _table(entries: list[Entry]) -> str:
     return "\n".join(rows)
 
 
-def _defaults(name: str) -> dict[str, str]:
+def _defaults(name: str, conf: Path = CONF) -> dict[str, str]:
     """``{group: option}`` of a config's own defaults list (``null``: no option unless one is chosen)."""
     chosen: dict[str, str] = {}
-    for item in OmegaConf.to_container(OmegaConf.load(CONF / f"{name}.yaml")).get("defaults", []):
+    for item in OmegaConf.to_container(OmegaConf.load(conf / f"{name}.yaml")).get("defaults", []):
         if isinstance(item, dict):
             chosen.update({str(k): "null" if v is None else str(v) for k, v in item.items()})
     return chosen
@@ -142,12 +142,12 @@ def config_reference(conf: Path = CONF) -> str:
     for name in PRIMARY:
         header, entries = read_yaml(conf / f"{name}.yaml", package="")
         out += ["", f"### `{name}.yaml`", "", *_header(header), "", _table(entries)]
-    chosen = {name: _defaults(name) for name in PRIMARY}
+    chosen = {name: _defaults(name, conf) for name in PRIMARY}
     # an option may choose the default of a group nested under its own (model=resnet18 picks model/optimizer)
     nested: dict[str, list[str]] = {}
     for group, files in groups(conf).items():
         for path in files:
-            for key, option in _defaults(path.relative_to(conf).with_suffix("").as_posix()).items():
+            for key, option in _defaults(path.relative_to(conf).with_suffix("").as_posix(), conf).items():
                 if not key.startswith(("/", "override")):
                     nested.setdefault(f"{group}/{key}", []).append(f"`{option}` with `{group}={path.stem}`")
     out += ["", "## Groups", "", "Choose an option with `GROUP=OPTION` (`data=demo`, `model/optimizer=sgd`)."]
@@ -186,13 +186,6 @@ def rules_table() -> str:
 
 
 GENERATED = {"config-reference": config_reference, "rules-table": rules_table}
-
-
-def on_config(config: Any) -> Any:
-    """``docs/faults.md`` joins the navigation once it is written."""
-    if (Path(config["docs_dir"]) / "faults.md").is_file() and "faults.md" not in str(config["nav"]):
-        config["nav"].append({"Faults and recovery": "faults.md"})
-    return config
 
 
 def on_page_markdown(markdown: str, **_: Any) -> str:
