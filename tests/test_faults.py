@@ -286,9 +286,11 @@ def test_a_kill_inside_a_checkpoint_write_leaves_the_old_checkpoints_whole_and_t
     finally:
         proc.kill()
     assert_checkpoints_whole(run, epoch=0)
+    assert len(list((run / "checkpoints").glob(".*.tmp"))) == 1  # the write the kill cut short, read by nothing
 
     finish(cli([f"resume={run}"], tmp_path / "resumed.log", tmp_path), tmp_path / "resumed.log")
     assert test_metrics(run) == test_metrics(ref)
+    assert not list((run / "checkpoints").glob(".*.tmp"))  # the resumed run's first checkpoint write removed it
 
 
 @pytest.mark.slow

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import logging
+import os
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,8 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.types import _PATH
 
 from dogbreed._io import write_bytes_durably
+
+log = logging.getLogger(__name__)
 
 
 class DurableCheckpointIO(TorchCheckpointIO):
@@ -28,15 +32,32 @@ class DurableCheckpointIO(TorchCheckpointIO):
 
     def __init__(self) -> None:
         self.checkpoint_bytes: int | None = None
+        self._swept: set[Path] = set()
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
         if storage_options is not None or "://" in str(path):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
+        folder = Path(path).parent
+        if folder not in self._swept:  # before the free-space check: the space they hold counts
+            self._swept.add(folder)
+            remove_leftovers(folder)
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
         self.checkpoint_bytes = buffer.getbuffer().nbytes
         write_bytes_durably(Path(path), buffer.getbuffer())
+
+
+def remove_leftovers(folder: Path) -> None:
+    """Delete the temporary files of checkpoint writes that other processes did not finish (killed inside one).
+
+    Each holds up to a checkpoint's size that a full disk needs; nothing reads them. A run writes its
+    checkpoints from one process (rank 0), so another process's temporary file in its folder is a dead one.
+    """
+    for tmp in folder.glob(".*.ckpt.*.tmp"):
+        if tmp.name.rsplit(".", 2)[-2] != str(os.getpid()):
+            log.info("Removing %s, a checkpoint write that a killed process left unfinished", tmp)
+            tmp.unlink(missing_ok=True)
 
 
 def checkpoint_damage(path: Path) -> str | None:
