@@ -6,6 +6,7 @@ import io
 import json
 import subprocess
 import tarfile
+from collections.abc import Callable
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -35,9 +36,8 @@ def answer(model_dir: Path | str, body: bytes = b"") -> dict:
 
 
 @pytest.fixture(scope="module")
-def package(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    run_dir = tiny_model_dir.parent  # a run dir: the package finds model/ inside
-    return build_package(run_dir, tmp_path_factory.mktemp("pkg") / "model.tar.gz", top_k=3)
+def package(tiny_package: Callable[..., Path]) -> Path:
+    return tiny_package(top_k=3)  # shared with the other files' tests (conftest): read-only
 
 
 def test_package_layout_and_round_trip(package: Path, tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -42,7 +42,7 @@ def test_demo_trains_tests_and_exports(demo_cfg, tmp_path):
     data_report = json.loads((run / "data-report.json").read_text())  # the run keeps its own copy
     assert data_report["excluded"] == [] and sum(data_report["counts"]["train"]) == 1500
     exported = read_model_dir(run / "model")
-    assert exported.class_names[0] == "T-shirt_top" and exported.preprocessing.image_size == 56
+    assert exported.class_names[0] == "T-shirt_top" and exported.preprocessing.image_size == 40
     assert (run / "checkpoints" / "last.ckpt").is_file()
     (logged,) = run.glob("csv/version_*/metrics.csv")
     assert "val/acc" in logged.read_text().splitlines()[0]
