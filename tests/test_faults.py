@@ -335,6 +335,7 @@ def test_ckpt_path_last_and_the_sagemaker_entry_fall_back_to_the_newest_whole_ch
         resolve_ckpt_path(str(newest), checkpoints)
 
 
+@pytest.mark.slow  # a training subprocess: about 5 s
 def test_a_damaged_last_ckpt_with_no_whole_checkpoint_beside_it_stops_with_the_fix(tmp_path):
     run = tmp_path / "run"
     (run / ".hydra").mkdir(parents=True)

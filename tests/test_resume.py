@@ -163,16 +163,19 @@ def _cli_error(args: list[str], cwd: Path) -> str:
     return output
 
 
+@pytest.mark.slow  # a training subprocess: about 5-11 s
 def test_cli_missing_checkpoint_is_one_line(tmp_path):
     output = _cli_error(["experiment=demo", f"ckpt_path={tmp_path}/nowhere.ckpt"], tmp_path)
     assert f"ckpt_path={tmp_path}/nowhere.ckpt does not exist" in output
 
 
+@pytest.mark.slow  # a training subprocess: about 5-11 s
 def test_cli_ckpt_path_last_without_a_checkpoint_says_so(tmp_path):
     output = _cli_error(["experiment=demo", "ckpt_path=last", f"hydra.run.dir={tmp_path}/run"], tmp_path)
     assert f"ckpt_path=last but {tmp_path}/run/checkpoints has no last.ckpt" in output
 
 
+@pytest.mark.slow  # a training subprocess: about 5-11 s
 def test_cli_resume_names_what_the_run_dir_lacks(tmp_path):
     output = _cli_error([f"resume={tmp_path}/nothing"], tmp_path)
     assert f"{tmp_path}/nothing/.hydra/overrides.yaml is missing" in output
