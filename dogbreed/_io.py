@@ -196,11 +196,14 @@ def cache_key(source: str) -> str:
     return "-".join(filter(None, [parsed.scheme, stem, hashlib.sha256(source.encode()).hexdigest()[:10]]))
 
 
-def s3_client(endpoint_url: str | None = None) -> Any:
-    """A boto3 S3 client; ``endpoint_url`` (or ``AWS_ENDPOINT_URL``) points it at S3-compatible servers."""
+def s3_client(endpoint_url: str | None = None, *, config: Any = None) -> Any:
+    """A boto3 S3 client; ``endpoint_url`` (or ``AWS_ENDPOINT_URL``) points it at S3-compatible servers.
+
+    ``config`` is a ``botocore.config.Config`` (retries, timeouts), as staging passes for a flaky S3.
+    """
     import boto3
 
-    return boto3.client("s3", endpoint_url=endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None)
+    return boto3.client("s3", endpoint_url=endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None, config=config)
 
 
 def split_s3_uri(uri: str) -> tuple[str, str]:

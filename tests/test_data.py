@@ -191,10 +191,11 @@ def test_upload_then_stage_from_s3_and_rerun_transfers_nothing(image_folder, tmp
     downloads = []
     real_client = staging.s3_client
 
-    def counting_client(endpoint_url=None):
-        client = real_client(endpoint_url)
-        original = client.download_file
-        client.download_file = lambda *a, **k: (downloads.append(a[1]), original(*a, **k))[1]
+    def counting_client(endpoint_url=None, **kwargs):
+        client = real_client(endpoint_url, **kwargs)
+        client.meta.events.register(
+            "provide-client-params.s3.GetObject", lambda params, **_: downloads.append(params["Key"])
+        )
         return client
 
     monkeypatch.setattr(staging, "s3_client", counting_client)

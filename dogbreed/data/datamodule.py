@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,7 +18,7 @@ from dogbreed.data.cache import CachedImageDataset, DecodedImageCache, load_or_b
 from dogbreed.data.decode import DecodedImageDataset, auto_num_workers, check_decoder
 from dogbreed.data.device_aug import BatchAugment, UInt8Batch
 from dogbreed.data.layout import DataError, DatasetIndex, build_index, write_report
-from dogbreed.data.staging import stage, state_dir
+from dogbreed.data.staging import S3Retry, stage, state_dir
 from dogbreed.rundir import DATA_REPORT
 from dogbreed.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
@@ -32,6 +32,8 @@ class DogBreedDataModule(L.LightningDataModule):
         source: Local folder, ``s3://bucket/prefix`` or ``https://...zip``.
         cache_dir: Where remote sources are staged and checks are cached (default ``~/.cache/dogbreed``).
         endpoint_url: S3 endpoint for S3-compatible servers (``AWS_ENDPOINT_URL`` also works).
+        s3_retry: Keyword arguments of :class:`~dogbreed.data.staging.S3Retry`: how long staging rides out a
+            flaky S3 before it gives up on an object.
         num_classes: Expected class count; ``None`` accepts whatever the data has.
         batch_size: Images per batch (per device under DDP).
         num_workers: DataLoader worker processes; ``auto`` uses every available core but one.
@@ -61,6 +63,7 @@ class DogBreedDataModule(L.LightningDataModule):
         *,
         cache_dir: str | Path | None = None,
         endpoint_url: str | None = None,
+        s3_retry: Mapping[str, Any] | None = None,
         num_classes: int | None = None,
         batch_size: int = 32,
         num_workers: int | Literal["auto"] = 2,
@@ -106,6 +109,7 @@ class DogBreedDataModule(L.LightningDataModule):
         self.source = str(source)
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         self.endpoint_url = endpoint_url
+        self.s3_retry = S3Retry(**(s3_retry or {}))
         self.expected_num_classes = num_classes
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -134,7 +138,7 @@ class DogBreedDataModule(L.LightningDataModule):
 
     def _load_index(self) -> DatasetIndex:
         if self._index is None:
-            root = stage(self.source, self.cache_dir, endpoint_url=self.endpoint_url)
+            root = stage(self.source, self.cache_dir, endpoint_url=self.endpoint_url, s3_retry=self.s3_retry)
             index = build_index(
                 root,
                 verify=self.verify_images,

@@ -6,17 +6,27 @@ manifest is written last, so an interrupted transfer is resumed rather than mist
 A second run with the manifest in place transfers nothing. Concurrent stagers (DDP ranks, parallel
 tuning trials) serialise on a file lock. A full disk stops staging with a one-line :class:`DataError` (the
 folder, the bytes needed and free), leaving no file a later run would trust.
+
+A flaky S3 (connection resets, HTTP 500/503, throttling, stalled reads) is ridden out as :class:`S3Retry`
+says: botocore retries whole requests, and failures in the middle of a body, which botocore does not retry,
+resume from the bytes already written with a ``Range`` request bound to the object's ETag by ``If-Match``,
+so an object that changes in S3 meanwhile is staged again from its first byte, never mixed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import logging
 import os
+import random
+import re
 import shutil
+import time
 import urllib.request
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlparse
@@ -31,7 +41,6 @@ from dogbreed._io import (
     is_disk_full,
     read_json,
     s3_client,
-    sha256_file,
     split_s3_uri,
     write_json,
 )
@@ -56,7 +65,49 @@ def state_dir(source: str | Path, cache_dir: str | Path | None = None) -> Path:
     return Path(cache_dir or default_cache_dir()).expanduser() / key
 
 
-def stage(source: str | Path, cache_dir: str | Path | None = None, *, endpoint_url: str | None = None) -> Path:
+@dataclass(frozen=True)
+class S3Retry:
+    """How long and how staging retries a flaky S3 (``data.s3_retry``).
+
+    Attributes:
+        give_up_s: Seconds an object may go without a byte of progress (failures and back-off included)
+            before staging stops with a one-line error naming it; what was received is kept for the next run.
+        read_timeout_s: Seconds a response may stall without a byte before it counts as a failure.
+        max_attempts: botocore's attempts per request (its retries of resets, 5xx and throttling before a
+            response body starts); staging's own loop retries on top of them.
+        mode: botocore's retry mode: ``standard``, or ``adaptive`` (also slows the client down when throttled).
+    """
+
+    give_up_s: float = 600.0
+    read_timeout_s: float = 60.0
+    max_attempts: int = 5
+    mode: str = "standard"
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("standard", "adaptive"):
+            raise ValueError(f"data.s3_retry.mode={self.mode!r}: use standard or adaptive.")
+        for field in ("give_up_s", "read_timeout_s", "max_attempts"):
+            if not getattr(self, field) > 0:
+                raise ValueError(f"data.s3_retry.{field}={getattr(self, field)!r}: give a positive number.")
+
+    def client_config(self) -> Any:
+        """The botocore ``Config`` for these retries and timeouts."""
+        from botocore.config import Config
+
+        return Config(
+            retries={"mode": self.mode, "total_max_attempts": int(self.max_attempts)},
+            read_timeout=self.read_timeout_s,
+            connect_timeout=min(self.read_timeout_s, 60.0),
+        )
+
+
+def stage(
+    source: str | Path,
+    cache_dir: str | Path | None = None,
+    *,
+    endpoint_url: str | None = None,
+    s3_retry: S3Retry | None = None,
+) -> Path:
     """Return a local folder holding ``source``, transferring only what is not already staged.
 
     Args:
@@ -64,6 +115,7 @@ def stage(source: str | Path, cache_dir: str | Path | None = None, *, endpoint_u
             ``fashion-mnist[:/idx/folder]`` (see :mod:`dogbreed.data.fashion_mnist`).
         cache_dir: Where remote sources are staged (default :func:`default_cache_dir`).
         endpoint_url: S3 endpoint for S3-compatible servers; ``AWS_ENDPOINT_URL`` is honoured too.
+        s3_retry: Retries and time bounds for S3 (default :class:`S3Retry`).
     """
     source = str(source)
     scheme = urlparse(source).scheme
@@ -83,7 +135,7 @@ def stage(source: str | Path, cache_dir: str | Path | None = None, *, endpoint_u
             if fashion_mnist.is_source(source):
                 return fashion_mnist.stage(source, target)
             if scheme == "s3":
-                _stage_s3(source, target, endpoint_url)
+                _stage_s3(source, target, endpoint_url, s3_retry or S3Retry())
             else:
                 _stage_archive(source, target)
     except OSError as err:
@@ -123,10 +175,10 @@ def safe_relpath(name: str, *, what: str) -> PurePosixPath:
 # --- S3 -------------------------------------------------------------------------------------------
 
 
-def _stage_s3(source: str, target: Path, endpoint_url: str | None) -> None:
+def _stage_s3(source: str, target: Path, endpoint_url: str | None, retry: S3Retry) -> None:
     bucket, prefix = split_s3_uri(source)
     prefix = prefix.rstrip("/") + "/" if prefix else ""
-    client = s3_client(endpoint_url)
+    client = s3_client(endpoint_url, config=retry.client_config())
     manifest = (read_json(target / MANIFEST) or {}).get("files", {})
     listed = {}
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
@@ -145,20 +197,11 @@ def _stage_s3(source: str, target: Path, endpoint_url: str | None) -> None:
     entries: dict[str, dict[str, Any]] = {}
     transferred = 0
     for rel, obj in sorted(listed.items()):
-        dest = dests[rel]
-        etag = obj["ETag"].strip('"')
         known = manifest.get(rel)
-        if _staged(known, obj, dest):
+        if _staged(known, obj, dests[rel]):
             entries[rel] = known
             continue
-        with atomic_path(dest) as tmp:
-            client.download_file(bucket, obj["Key"], str(tmp))
-            if tmp.stat().st_size != obj["Size"]:
-                raise DataError(
-                    f"s3://{bucket}/{obj['Key']}: got {tmp.stat().st_size} bytes, expected {obj['Size']}; "
-                    "re-run to retry."
-                )
-        entries[rel] = {"size": obj["Size"], "sha256": sha256_file(dest), "etag": etag}
+        entries[rel] = _download(client, bucket, obj["Key"], obj["ETag"].strip('"'), obj["Size"], dests[rel], retry)
         transferred += 1
     for stale in set(manifest) - set(listed):
         (files_dir / stale).unlink(missing_ok=True)
@@ -177,9 +220,122 @@ def _staged(known: dict[str, Any] | None, obj: dict[str, Any], dest: Path) -> bo
     return (
         bool(known)
         and known["etag"] == obj["ETag"].strip('"')
+        and known["size"] == obj["Size"]
         and dest.is_file()
         and dest.stat().st_size == known["size"]
     )
+
+
+_BACKOFF_S = 0.5  # first pause after a failure; doubled per failure without progress, capped, half of it jittered
+_BACKOFF_CAP_S = 20.0
+_KMS = ("aws:kms", "aws:kms:dsse")  # their ETags are not the MD5 of the bytes
+_BODY_CHUNK = 1 << 16  # a body cut short loses at most the chunk being read: the rest is written and resumed from
+
+
+class _Damaged(Exception):
+    """A whole-length download whose bytes do not match the object's ETag: restarted from its first byte."""
+
+
+def _download(client: Any, bucket: str, key: str, etag: str, size: int, dest: Path, retry: S3Retry) -> dict[str, Any]:
+    """Download one object whole into ``dest`` and return its manifest entry, riding out a flaky S3.
+
+    Bytes land in ``.<name>.<etag>.part`` beside ``dest``, renamed only when whole and checked, so a run that
+    gives up (or is killed) leaves a file no run trusts but the next one resumes, and only for the same ETag.
+    """
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    uri = f"s3://{bucket}/{key}"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    failures, started, last_progress = 0, time.monotonic(), time.monotonic()
+    while True:
+        part = dest.with_name(f".{dest.name}.{etag}.part")
+        _drop_other_parts(dest, keep=part)
+        before = _size(part)
+        try:
+            sse = _fetch_rest(client, bucket, key, etag, size, part)
+            sha256, md5 = _digests(part)
+            if _size(part) != size or (md5 != etag and re.fullmatch(r"[0-9a-f]{32}", etag) and sse not in _KMS):
+                got = _size(part)
+                part.unlink()
+                raise _Damaged(f"{got} bytes of {size} whose MD5 does not match the ETag")
+            os.replace(part, dest)
+            return {"size": size, "sha256": sha256, "etag": etag}
+        except ClientError as err:
+            status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+            code = err.response.get("Error", {}).get("Code", "")
+            if status == 412 or code == "PreconditionFailed":  # changed since listed, or since its first range
+                part.unlink(missing_ok=True)
+                head = client.head_object(Bucket=bucket, Key=key)
+                log.warning("%s changed in S3 while staging (ETag %s -> %s): staging it again", uri, etag, head["ETag"])
+                etag, size = head["ETag"].strip('"'), head["ContentLength"]
+                continue
+            if status < 500 and status not in (408, 429) and code not in ("SlowDown", "Throttling", "RequestTimeout"):
+                raise DataError(
+                    f"{uri}: {code or status} ({err}); check the bucket, the key and its permissions."
+                ) from err
+            why = f"HTTP {status} {code}".strip()
+        except (BotoCoreError, _Damaged) as err:
+            why = str(err) or type(err).__name__
+        except OSError as err:
+            if is_disk_full(err) or not isinstance(err, ConnectionError):
+                part.unlink(missing_ok=True)  # no half-written file holds the space a retry needs
+                raise
+            why = str(err) or type(err).__name__
+        if _size(part) > before:  # the failure came after progress: the bound and the back-off start again
+            failures, last_progress = 0, time.monotonic()
+        failures += 1
+        pause = min(_BACKOFF_CAP_S, _BACKOFF_S * 2 ** (failures - 1))
+        pause = pause / 2 + random.uniform(0, pause / 2)
+        if time.monotonic() + pause - last_progress > retry.give_up_s:
+            raise DataError(
+                f"{uri}: gave up after {time.monotonic() - started:.0f} s, {failures} failures in a row without a "
+                f"byte of progress (last: {why}); {_size(part)} of {size} bytes are kept and resume on the next run. "
+                "Check the network to S3 and run again, or raise data.s3_retry.give_up_s."
+            )
+        log.warning("%s: %s; retrying in %.1f s (%d of %d bytes staged)", uri, why, pause, _size(part), size)
+        time.sleep(pause)
+
+
+def _fetch_rest(client: Any, bucket: str, key: str, etag: str, size: int, part: Path) -> str | None:
+    """Append the bytes of ``key`` that ``part`` lacks; return the object's server-side encryption.
+
+    ``If-Match`` binds every range to the ETag the first byte came from: S3 answers 412 once the object changes.
+    """
+    have = _size(part)
+    if have > size:
+        part.unlink()
+        have = 0
+    request = {"Bucket": bucket, "Key": key, "IfMatch": f'"{etag}"'}
+    if have == size and size:
+        return client.head_object(**request).get("ServerSideEncryption")
+    if have:
+        request["Range"] = f"bytes={have}-"
+    response = client.get_object(**request)
+    with open(part, "ab") as out:
+        for chunk in response["Body"].iter_chunks(_BODY_CHUNK):
+            out.write(chunk)
+    return response.get("ServerSideEncryption")
+
+
+def _drop_other_parts(dest: Path, keep: Path) -> None:
+    """Remove partial downloads of ``dest`` from other versions of the object (they must never be mixed in)."""
+    for other in dest.parent.glob(f".{glob.escape(dest.name)}.*.part"):
+        if other != keep:
+            other.unlink(missing_ok=True)
+
+
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.exists() else 0
+
+
+def _digests(path: Path) -> tuple[str, str]:
+    """Hex sha256 (for the manifest) and MD5 (a single-part upload's ETag) of a file, in one read."""
+    sha256, md5 = hashlib.sha256(), hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            sha256.update(chunk)
+            md5.update(chunk)
+    return sha256.hexdigest(), md5.hexdigest()
 
 
 def upload(local_dir: str | Path, uri: str, *, endpoint_url: str | None = None) -> int:
