@@ -177,6 +177,14 @@ def peak_rss_mb(pid: int) -> float | None:
     return int(line.split()[1]) / 1024 if line else None
 
 
+def serving(package: Path, runtime: str, threads: int, args: argparse.Namespace, max_batch_size: int) -> Server:
+    """The endpoint serving ``runtime`` of ``package`` with the run's threads and batching delay."""
+    return Server(
+        package, "--runtime", runtime, "--threads", str(threads), "--max-delay-ms", str(args.max_delay_ms),
+        "--max-batch-size", str(max_batch_size),
+    )  # fmt: skip
+
+
 def measure(unpacked: Path, package: Path, runtime: str, threads: int, args: argparse.Namespace) -> dict[str, Any]:
     """One row of the table: the bare forward, then the endpoint serving this runtime with batching on."""
     torch.set_num_threads(threads)
@@ -184,9 +192,8 @@ def measure(unpacked: Path, package: Path, runtime: str, threads: int, args: arg
         "fwd_b1_ms": bare_forward_ms(unpacked, runtime, threads, args.iterations),
         "fwd_b16_ms_per_image": bare_forward_ms(unpacked, runtime, threads, max(2, args.iterations // 6), batch=16),
     }
-    common = ["--threads", str(threads), "--max-delay-ms", str(args.max_delay_ms), "--runtime", runtime]
     body = PHOTO.read_bytes()
-    with Server(package, *common, "--max-batch-size", str(args.max_batch_size)) as server:
+    with serving(package, runtime, threads, args, args.max_batch_size) as server:
         c1 = http_sequential(server.url, body, args.c1_requests)
         before = server.stats()
         rate, latencies = asyncio.run(http_concurrent(server.url, body, args.requests, 16))
@@ -201,10 +208,10 @@ def measure(unpacked: Path, package: Path, runtime: str, threads: int, args: arg
 
 def unbatched(package: Path, threads: int, args: argparse.Namespace) -> dict[str, float]:
     """Eager's endpoint with batching off: the baseline of the batching goal."""
-    common = ["--threads", str(threads), "--max-delay-ms", str(args.max_delay_ms), "--runtime", "eager"]
-    with Server(package, *common, "--max-batch-size", "1") as server:
-        c1 = http_sequential(server.url, PHOTO.read_bytes(), args.c1_requests)
-        rate, latencies = asyncio.run(http_concurrent(server.url, PHOTO.read_bytes(), args.requests, 16))
+    body = PHOTO.read_bytes()
+    with serving(package, "eager", threads, args, max_batch_size=1) as server:
+        c1 = http_sequential(server.url, body, args.c1_requests)
+        rate, latencies = asyncio.run(http_concurrent(server.url, body, args.requests, 16))
     return {"http_c1_p50_ms": percentile(c1, 50), "c16_img_s": rate, "c16_p99_ms": percentile(latencies, 99)}
 
 

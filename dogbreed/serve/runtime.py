@@ -57,10 +57,9 @@ RUNTIME_REQUIREMENTS = {"onnx": ["onnxruntime>=1.16"], "openvino": _OPENVINO, "o
 # `auto` serves the first runtime of this order that the package carries and this Python can import: fastest first
 # on a CPU (scripts/bench_serve.py's runtime table); eager before export, as fast and able to explain. On a GPU only
 # the torch runtimes run there, so those come first.
-AUTO_ORDER = {
-    "cpu": ("openvino-int8", "openvino", "onnx", "eager", "export", "torchscript"),
-    "cuda": ("eager", "export", "torchscript", "openvino-int8", "openvino", "onnx"),
-}
+_ON_DEVICE = ("eager", "export", "torchscript")  # the torch runtimes: on the GPU when there is one, else the CPU
+_CPU_ORDER = ("openvino-int8", "openvino", "onnx", "eager", "export", "torchscript")
+AUTO_ORDER = {"cpu": _CPU_ORDER, "cuda": (*_ON_DEVICE, *(r for r in _CPU_ORDER if r not in _ON_DEVICE))}
 RUNTIME_CHOICES = (*RUNTIMES, "auto")
 _RUNTIME_MODULES = {"onnx": "onnxruntime", "openvino": "openvino", "openvino-int8": "openvino"}
 DEFAULT_TOP_K = 5
@@ -214,7 +213,7 @@ def load_model(
         forward = _eager_forward(net, device, channels_last=True)
     else:
         forward = exported_forward(runtime, model_dir / EXPORT_FILES[runtime], device=device, num_threads=num_threads)
-    where = device if runtime in ("eager", "export", "torchscript") else "cpu"
+    where = device if runtime in _ON_DEVICE else "cpu"
     log.info(
         "Loaded %s (%s, %d classes, %s runtime on %s)", model_dir, md.backbone, len(md.class_names), runtime, where
     )

@@ -3,9 +3,9 @@
 Routes: ``GET /ping`` (200 once the model is loaded), ``POST /invocations`` and
 ``POST /endpoints/{name}/invocations`` (the path boto3's ``sagemaker-runtime`` client calls when given
 ``endpoint_url``), and for people ``GET /``: a page that asks ``/invocations?explain=true`` about a photo
-and shows the top 5 and the Grad-CAM heat map, above what it serves (``GET /model``: the classes, the runtime and
-the run the model came from) (its files, ``static/``, ship in the package; it loads nothing
-from elsewhere, and its Content-Security-Policy allows only this server).
+and shows the top 5 and the Grad-CAM heat map below what it serves (``GET /model``: the classes, the runtime
+and the run the model came from). The page's files, ``static/``, ship in the package; it loads nothing from
+elsewhere, and its Content-Security-Policy allows only this server.
 
 Each request is decoded and preprocessed by the same code SageMaker runs (:mod:`dogbreed.serve.codec`,
 :mod:`dogbreed.serve.runtime`), in a thread pool; a single inference thread runs one forward pass over
