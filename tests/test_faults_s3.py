@@ -186,6 +186,24 @@ def stage_through(proxy: FaultyS3, cache: Path, retry: S3Retry = FAST) -> Path:
     return root.parent
 
 
+def staging_error(proxy: FaultyS3, cache: Path, retry: S3Retry, within_s: float) -> DataError:
+    """The error staging through ``proxy`` stops with, within ``within_s``: a stager with no bound fails, not hangs."""
+    outcome: list[BaseException | Path] = []
+
+    def run() -> None:
+        try:
+            outcome.append(stage_through(proxy, cache, retry))
+        except BaseException as err:
+            outcome.append(err)
+
+    attempt = threading.Thread(target=run, daemon=True)
+    attempt.start()
+    attempt.join(timeout=within_s)
+    assert outcome, f"staging still retrying after {within_s:.0f} s: no bound"
+    assert isinstance(outcome[0], DataError), outcome
+    return outcome[0]
+
+
 def assert_staged_whole(root: Path, versions: dict[str, int] | None = None) -> None:
     """Every object staged byte for byte, every sha256 in the manifest that of the staged file, no part left."""
     versions = versions or {}
@@ -223,9 +241,11 @@ def test_resets_and_server_errors_mid_object_resume_from_the_bytes_already_writt
     assert {s.if_match for s in first} == {etag}  # every range bound to the ETag of the first byte
 
 
-def test_throttling_is_retried_with_growing_back_off(s3, tmp_path):
+@pytest.mark.parametrize("mode", ["standard", "adaptive"])
+def test_throttling_is_retried_with_growing_back_off(s3, tmp_path, mode):
+    """``adaptive`` adds botocore's client-side rate limiter to the same retries: it slows, and still stages."""
     s3.plan.extend([Fault("status", status=503, code="SlowDown") for _ in range(4)])
-    root = stage_through(s3, tmp_path, S3Retry(give_up_s=30, read_timeout_s=1, max_attempts=2))
+    root = stage_through(s3, tmp_path, S3Retry(give_up_s=30, read_timeout_s=1, max_attempts=2, mode=mode))
     assert_staged_whole(root)
     at = [s.at for s in s3.gets("a.bin")]
     assert len(at) == 5
@@ -247,22 +267,10 @@ def test_a_stalled_read_times_out_and_resumes(s3, tmp_path):
 def test_faults_that_do_not_stop_give_up_in_one_line_and_the_next_run_resumes(s3, tmp_path):
     s3.plan.append(Fault("reset", after=2 * CHUNK))
     s3.always = Fault("reset", after=0)  # from then on, nothing gets through
-    outcome: list[BaseException | Path] = []
-
-    def run() -> None:
-        try:
-            outcome.append(stage_through(s3, tmp_path, S3Retry(give_up_s=3, read_timeout_s=1, max_attempts=2)))
-        except BaseException as err:
-            outcome.append(err)
-
     start = time.monotonic()
-    attempt = threading.Thread(target=run, daemon=True)  # a stager that never gives up fails here, not hangs
-    attempt.start()
-    attempt.join(timeout=15)
+    error = staging_error(s3, tmp_path, S3Retry(give_up_s=3, read_timeout_s=1, max_attempts=2), within_s=15)
     took = time.monotonic() - start
-    assert outcome, f"staging still retrying after {took:.0f} s: no bound"
-    assert isinstance(outcome[0], DataError), outcome
-    message = str(outcome[0])
+    message = str(error)
     assert "\n" not in message
     assert message.startswith(f"{URI}/train/a.bin: gave up after "), message
     assert "without a byte of progress (last: " in message and "131072 of 300000 bytes are kept" in message
@@ -298,3 +306,31 @@ def test_an_object_changed_in_the_middle_of_its_download_is_staged_again_never_m
         ("bytes=131072-", old, 412),  # the resumed range is refused: those bytes belong to another version
         (None, new, 200),  # staged again from its first byte, bound to the new ETag
     ]
+
+
+def test_an_object_that_keeps_changing_stops_staging_in_one_line(s3, tmp_path):
+    version = itertools.count(1)
+
+    def replace_a() -> None:
+        boto3.client("s3").put_object(Bucket=BUCKET, Key="dogs/train/a.bin", Body=data("a", version=next(version)))
+
+    s3.always = Fault("reset", after=2 * CHUNK, then=replace_a)  # rewritten during every download of it
+    message = str(staging_error(s3, tmp_path, FAST, within_s=20))
+    assert "\n" not in message and message.startswith(f"{URI}/train/a.bin: changed 5 times in S3 while staging it")
+    assert "stage the dataset once its upload has finished" in message
+    target = staging.state_dir(URI, tmp_path)
+    assert not (target / staging.MANIFEST).exists() and not list(target.rglob("*.part"))
+    assert len([s for s in s3.gets("a.bin") if s.status == 412]) <= 5
+
+
+def test_the_free_space_check_counts_the_bytes_a_run_kept_as_already_there(s3, tmp_path, monkeypatch):
+    """A run that gave up kept 131,072 bytes of ``a.bin``; the disk has room for the rest, not for all of it."""
+    kept = 2 * CHUNK
+    files = staging.state_dir(URI, tmp_path) / "files" / "train"
+    files.mkdir(parents=True)
+    (files / f".a.bin.{etag_of(data('a')).strip(chr(34))}.part").write_bytes(data("a")[:kept])
+    free = 3 * SIZE - kept + 10_000  # the manifest's few bytes too
+    real = staging.shutil.disk_usage
+    monkeypatch.setattr(staging.shutil, "disk_usage", lambda path: real(path)._replace(free=free))
+    assert_staged_whole(stage_through(s3, tmp_path))
+    assert [s.range for s in s3.gets("a.bin")] == [f"bytes={kept}-"]

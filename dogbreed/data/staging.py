@@ -191,8 +191,12 @@ def _stage_s3(source: str, target: Path, endpoint_url: str | None, retry: S3Retr
         )
     files_dir = target / "files"
     dests = {rel: files_dir / safe_relpath(rel, what=source) for rel in listed}
-    pending = sum(obj["Size"] for rel, obj in listed.items() if not _staged(manifest.get(rel), obj, dests[rel]))
-    if pending > shutil.disk_usage(target).free:  # before a byte is written, with the size it needs
+    pending = sum(
+        _still_to_fetch(obj, dests[rel])
+        for rel, obj in listed.items()
+        if not _staged(manifest.get(rel), obj, dests[rel])
+    )
+    if pending > shutil.disk_usage(target).free:  # before a byte is written, with the size it still needs
         raise DiskFullError(files_dir, pending)
     entries: dict[str, dict[str, Any]] = {}
     transferred = 0
@@ -226,10 +230,17 @@ def _staged(known: dict[str, Any] | None, obj: dict[str, Any], dest: Path) -> bo
     )
 
 
+def _still_to_fetch(obj: dict[str, Any], dest: Path) -> int:
+    """Bytes of ``obj`` not yet on disk: a part an earlier run kept for the same ETag is resumed, not fetched again."""
+    kept = _size(_part(dest, obj["ETag"].strip('"')))
+    return obj["Size"] - min(kept, obj["Size"])
+
+
 _BACKOFF_S = 0.5  # first pause after a failure; doubled per failure without progress, capped, half of it jittered
 _BACKOFF_CAP_S = 20.0
 _KMS = ("aws:kms", "aws:kms:dsse")  # their ETags are not the MD5 of the bytes
 _BODY_CHUNK = 1 << 16  # a body cut short loses at most the chunk being read: the rest is written and resumed from
+_MAX_CHANGES = 5  # an object rewritten this often while staging it is being written to: staging stops
 
 
 class _Damaged(Exception):
@@ -246,9 +257,9 @@ def _download(client: Any, bucket: str, key: str, etag: str, size: int, dest: Pa
 
     uri = f"s3://{bucket}/{key}"
     dest.parent.mkdir(parents=True, exist_ok=True)
-    failures, started, last_progress = 0, time.monotonic(), time.monotonic()
+    failures, changes, started, last_progress = 0, 0, time.monotonic(), time.monotonic()
     while True:
-        part = dest.with_name(f".{dest.name}.{etag}.part")
+        part = _part(dest, etag)
         _drop_other_parts(dest, keep=part)
         before = _size(part)
         try:
@@ -266,6 +277,12 @@ def _download(client: Any, bucket: str, key: str, etag: str, size: int, dest: Pa
             if status == 412 or code == "PreconditionFailed":  # changed since listed, or since its first range
                 part.unlink(missing_ok=True)
                 head = client.head_object(Bucket=bucket, Key=key)
+                changes += 1
+                if changes >= _MAX_CHANGES:
+                    raise DataError(
+                        f"{uri}: changed {changes} times in S3 while staging it (now ETag {head['ETag']}); something "
+                        "keeps writing it: stage the dataset once its upload has finished."
+                    ) from err
                 log.warning("%s changed in S3 while staging (ETag %s -> %s): staging it again", uri, etag, head["ETag"])
                 etag, size = head["ETag"].strip('"'), head["ContentLength"]
                 continue
@@ -322,6 +339,11 @@ def _drop_other_parts(dest: Path, keep: Path) -> None:
     for other in dest.parent.glob(f".{glob.escape(dest.name)}.*.part"):
         if other != keep:
             other.unlink(missing_ok=True)
+
+
+def _part(dest: Path, etag: str) -> Path:
+    """Where the bytes of ``dest``'s object at ``etag`` gather until it is whole."""
+    return dest.with_name(f".{dest.name}.{etag}.part")
 
 
 def _size(path: Path) -> int:
