@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dogbreed._io import DiskFullError, is_disk_full
 from dogbreed.artifacts import write_model_dir, write_test_results
-from dogbreed.callbacks import ResumeState, checkpoint_damage
+from dogbreed.callbacks import ResumeState, checkpoint_damage, share_checkpoint
 from dogbreed.config import CONFIG_DIR
 from dogbreed.data import DataError, DogBreedDataModule
 from dogbreed.models import DogBreedClassifier, WeightsError
@@ -169,7 +169,9 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[Callback] = ()) -> dict[str
 
     if cfg.get("test", True):
         ckpt = best_path or (ckpt_path if not cfg.get("train", True) else None)
-        if not ckpt:
+        if ckpt:
+            share_checkpoint(trainer, ckpt)
+        else:
             log.warning("No best checkpoint to test; testing the weights as they are.")
         test_metrics = trainer.test(model, datamodule=datamodule, ckpt_path=ckpt or None)[0]
         metrics.update(test_metrics)

@@ -392,5 +392,5 @@ def installed_python(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> I
 def bare_python(tmp_path_factory: pytest.TempPathFactory) -> IsolatedPython:
     """SageMaker's stock PyTorch containers: torch, the toolkits, TorchServe; no dogbreed at all."""
     isolated = IsolatedPython.create(tmp_path_factory.mktemp("bare") / "venv")
-    isolated.expose("torchserve", "train")
+    isolated.expose("torchserve", "train", "torchrun")  # the toolkit starts torchrun for multi-host jobs
     return isolated

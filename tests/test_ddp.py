@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from .conftest import compose_config
 
@@ -15,8 +16,15 @@ from .conftest import compose_config
 def test_ddp_on_cpu_resolves_per_process_batchnorm_and_fp32() -> None:
     cpu = compose_config(["experiment=demo", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]).trainer
     assert (cpu.sync_batchnorm, cpu.precision) == (False, "32-true")
-    gpu = compose_config(["trainer=ddp"]).trainer
+    gpu = compose_config(["trainer=ddp", "trainer.accelerator=gpu"]).trainer
     assert gpu.sync_batchnorm is True and gpu.precision in ("bf16-mixed", "16-mixed")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without a GPU")
+def test_ddp_without_a_gpu_trains_on_cpu_processes() -> None:
+    """What a multi-instance SageMaker job on CPU instances gets from the launcher's ``trainer=ddp``."""
+    trainer = compose_config(["experiment=demo", "trainer=ddp", "trainer.num_nodes=2"]).trainer
+    assert (trainer.sync_batchnorm, trainer.precision) == (False, "32-true")
 
 
 @pytest.mark.slow

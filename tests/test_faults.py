@@ -15,11 +15,9 @@ import shutil
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +30,13 @@ from dogbreed.callbacks import checkpoint_damage
 from dogbreed.data import DataError, DogBreedDataModule, staging
 from dogbreed.data import cache as cache_module
 from dogbreed.data.cache import CachedImageDataset
-from dogbreed.sagemaker.entry import DATA_CHANNEL, ENTRY_SCRIPT, container_overrides, failure_reason
+from dogbreed.sagemaker.entry import container_overrides, failure_reason
 from dogbreed.sagemaker.hyperparameters import overrides_to_hyperparameters
-from dogbreed.sagemaker.launcher import source_dir
 from dogbreed.train import CheckpointError, disk_full_message, resolve_ckpt_path
 
 from .conftest import SMALL, write_image_folder, write_varied_folder
 from .installed import IsolatedPython
+from .sagemaker_job import lay_out_job, pack_source_dir, toolkit_env
 
 EPOCHS, BATCHES = 2, 6  # the faults strike in epoch 1, after epoch 0's checkpoints are on disk
 TINY_RUN = [
@@ -171,58 +169,27 @@ SPOT_JOB = [
 
 
 def start_spot_job(root: Path, python: IsolatedPython, sourcedir: Path) -> tuple[Path, subprocess.Popen]:
-    """Start SageMaker's training toolkit on ``root/opt/ml`` as a spot job's container does (its checkpoint dir
-    synced with ``checkpoint_s3_uri`` and kept between attempts), in a session of its own; return base dir, process.
-
-    The layout is ``tests/test_sagemaker_training_toolkit.py``'s: the job's config files, the ``training``
-    channel, the source dir tarball, ``python`` without dogbreed, no package index.
-    """
+    """Start SageMaker's training toolkit on ``root/opt/ml`` (``tests/sagemaker_job.py``'s container) as a spot job's
+    container does, its checkpoint dir synced with ``checkpoint_s3_uri`` and kept between attempts, in a session of
+    its own; return base dir, process."""
     base = root / "opt" / "ml"
-    config = base / "input" / "config"
-    if not config.is_dir():  # a restarted attempt gets the same input and its checkpoints back
-        config.mkdir(parents=True)
-        shutil.copytree(Path(str(files("dogbreed") / "demo_data")), base / "input" / "data" / DATA_CHANNEL)
-        (base / "checkpoints").mkdir()
-        hyperparameters = {k: json.dumps(v) for k, v in overrides_to_hyperparameters(SPOT_JOB).items()}
-        hyperparameters |= {
-            k: json.dumps(v)
-            for k, v in {
-                "sagemaker_program": ENTRY_SCRIPT, "sagemaker_submit_directory": str(sourcedir),
-                "sagemaker_container_log_level": 20, "sagemaker_job_name": "dogbreed-spot",
-                "sagemaker_region": "us-east-1",
-            }.items()
-        }  # fmt: skip
-        (config / "hyperparameters.json").write_text(json.dumps(hyperparameters))
-        (config / "inputdataconfig.json").write_text(
-            json.dumps({DATA_CHANNEL: {"TrainingInputMode": "File", "S3DistributionType": "FullyReplicated"}})
-        )
-        (config / "resourceconfig.json").write_text(
-            json.dumps({"current_host": "localhost", "hosts": ["localhost"], "network_interface_name": "lo"})
-        )
+    if not base.is_dir():  # a restarted attempt gets the same input and its checkpoints back
+        lay_out_job(base, overrides_to_hyperparameters(SPOT_JOB), sourcedir, job_name="dogbreed-spot", checkpoints=True)
     scratch = root / "tmp"
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir()
-    env = python.env() | {
-        "SAGEMAKER_BASE_DIR": str(base), "SAGEMAKER_TRAINING_MODULE": "sagemaker_pytorch_container.training:main",
-        "TMPDIR": str(scratch), "PIP_NO_INDEX": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1", "OMP_NUM_THREADS": "2",
-    }  # fmt: skip
     attempt = len(list(root.glob("attempt-*.log")))
     with open(root / f"attempt-{attempt}.log", "wb") as out:
         proc = subprocess.Popen(
-            [str(python.bin / "train")], env=env, cwd=root, stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True,
+            [str(python.bin / "train")], env=toolkit_env(python, base, scratch), cwd=root, stdout=out,
+            stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
     return base, proc
 
 
 @pytest.fixture
 def sourcedir(tmp_path: Path) -> Path:
-    """The launcher's source dir, packed as the SDK packs it."""
-    tarball = tmp_path / "sourcedir.tar.gz"
-    with source_dir() as code, tarfile.open(tarball, "w:gz") as tar:
-        for path in sorted(code.iterdir()):
-            tar.add(path, arcname=path.name)
-    return tarball
+    return pack_source_dir(tmp_path / "sourcedir.tar.gz")
 
 
 @pytest.mark.slow

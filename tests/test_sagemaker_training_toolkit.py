@@ -1,12 +1,7 @@
 """The launcher's source dir run by SageMaker's own training toolkit, as the PyTorch training image runs it.
 
-PyPI ``sagemaker-training`` (the ``train`` command the image starts) with ``SAGEMAKER_TRAINING_MODULE``
-pointing at ``sagemaker-pytorch-training``, in the ``/opt/ml`` layout under ``SAGEMAKER_BASE_DIR``:
-``input/config/*.json`` as SageMaker writes them, the ``training`` channel, and ``sourcedir.tar.gz`` packed
-as the SDK packs it. ``sagemaker_submit_directory`` may be a local tarball, so no S3 is involved. The
-toolkit pip-installs the source dir's ``requirements.txt``; ``PIP_NO_INDEX`` makes a requirement the
-environment lacks fail the job instead of being downloaded into it. The toolkit runs on ``bare_python``
-(tests/installed.py), which has no dogbreed: a module the source dir lacks fails the job, as in the image.
+The container is ``tests/sagemaker_job.py``'s. The toolkit runs on ``bare_python`` (tests/installed.py), which
+has no dogbreed: a module the source dir lacks fails the job, as in the image.
 """
 
 from __future__ import annotations
@@ -14,21 +9,17 @@ from __future__ import annotations
 import csv
 import json
 import re
-import shutil
 import subprocess
-import tarfile
-from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from dogbreed.sagemaker.entry import DATA_CHANNEL, ENTRY_SCRIPT
 from dogbreed.sagemaker.hyperparameters import metric_regex, overrides_to_hyperparameters
-from dogbreed.sagemaker.launcher import source_dir
 
 from .conftest import compose_config
 from .installed import IsolatedPython
+from .sagemaker_job import lay_out_job, pack_source_dir, toolkit_env
 
 SAGEMAKER_METRICS = list(compose_config(["+sagemaker=default"]).sagemaker.metrics)
 EPOCHS = 2
@@ -49,44 +40,15 @@ def run_job(
     The job runs ``sourcedir`` (default: the launcher's source dir from this checkout) with ``hyperparameters``
     (default: ``overrides``'); ``python`` has no dogbreed, as the PyTorch training image has none.
     """
-    base = tmp_path / "opt" / "ml"
-    config = base / "input" / "config"
-    config.mkdir(parents=True)
-    shutil.copytree(Path(str(files("dogbreed") / "demo_data")), base / "input" / "data" / DATA_CHANNEL)
-    if checkpoints:  # checkpoint_s3_uri set: SageMaker creates the dir and syncs it
-        (base / "checkpoints").mkdir()
-    if sourcedir is None:
-        sourcedir = tmp_path / "sourcedir.tar.gz"
-        with source_dir() as code, tarfile.open(sourcedir, "w:gz") as tar:
-            for path in sorted(code.iterdir()):  # the SDK's tar_and_upload_dir: the dir's entries at the top
-                tar.add(path, arcname=path.name)
     if hyperparameters is None:
         hyperparameters = overrides_to_hyperparameters(list(overrides))
-    hyperparameters = {k: json.dumps(v) for k, v in hyperparameters.items()}
-    hyperparameters |= {
-        k: json.dumps(v)
-        for k, v in {
-            "sagemaker_program": ENTRY_SCRIPT, "sagemaker_submit_directory": str(sourcedir),
-            "sagemaker_container_log_level": 20, "sagemaker_job_name": "dogbreed-test", "sagemaker_region": "us-east-1",
-        }.items()
-    }  # fmt: skip
-    (config / "hyperparameters.json").write_text(json.dumps(hyperparameters))
-    (config / "inputdataconfig.json").write_text(
-        json.dumps({DATA_CHANNEL: {"TrainingInputMode": "File", "S3DistributionType": "FullyReplicated"}})
-    )
-    # a host name that resolves offline: the toolkit waits (up to 15 minutes) for every host's DNS
-    host = "localhost"
-    (config / "resourceconfig.json").write_text(
-        json.dumps({"current_host": host, "hosts": [host], "network_interface_name": "lo"})
-    )
+    base = lay_out_job(
+        tmp_path / "opt" / "ml", hyperparameters, sourcedir or pack_source_dir(tmp_path / "sourcedir.tar.gz"),
+        checkpoints=checkpoints,
+    )  # fmt: skip
     scratch = tmp_path / "tmp"
     scratch.mkdir()
-    # no PYTHONUNBUFFERED (a custom image need not set it): the entry must keep its own lines whole
-    env = {k: v for k, v in python.env().items() if k != "PYTHONUNBUFFERED"}
-    env |= {
-        "SAGEMAKER_BASE_DIR": str(base), "SAGEMAKER_TRAINING_MODULE": "sagemaker_pytorch_container.training:main",
-        "TMPDIR": str(scratch), "PIP_NO_INDEX": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1", "OMP_NUM_THREADS": "2",
-    }  # fmt: skip
+    env = toolkit_env(python, base, scratch)
     proc = subprocess.run([str(python.bin / "train")], env=env, cwd=tmp_path, capture_output=True, timeout=600)
     # bytes, not text=True: universal newlines would turn a progress bar's \r into line breaks
     return base, (proc.stdout + proc.stderr).decode("utf-8", "replace"), proc.returncode

@@ -5,7 +5,7 @@ The debugger and profiler record data into the run directory (:mod:`dogbreed.run
 :func:`dogbreed.rundir.load_profile`.
 """
 
-from dogbreed.callbacks.checkpoint_io import DurableCheckpointIO, checkpoint_damage
+from dogbreed.callbacks.checkpoint_io import DurableCheckpointIO, checkpoint_damage, share_checkpoint
 from dogbreed.callbacks.debugger import Debugger
 from dogbreed.callbacks.ema import EMAWeights
 from dogbreed.callbacks.finetuning import BackboneFreezeUnfreeze
@@ -25,4 +25,5 @@ __all__ = [
     "SMDebugBridge",
     "checkpoint_damage",
     "format_metrics",
+    "share_checkpoint",
 ]

@@ -1,4 +1,5 @@
-"""``DurableCheckpointIO``: checkpoints that a kill or a full disk never leaves half-written."""
+"""Checkpoint files: ``DurableCheckpointIO`` (never left half-written by a kill or a full disk), and copies of
+rank 0's checkpoints for hosts that cannot see its disk."""
 
 from __future__ import annotations
 
@@ -7,13 +8,16 @@ import logging
 import os
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.types import _PATH
 
-from dogbreed._io import write_bytes_durably
+from dogbreed._io import format_bytes, write_bytes_durably
+
+if TYPE_CHECKING:
+    import lightning as L
 
 log = logging.getLogger(__name__)
 
@@ -73,3 +77,22 @@ def checkpoint_damage(path: Path) -> str | None:
     except (OSError, EOFError, zipfile.BadZipFile) as err:
         return f"cut short or corrupted: {err}"
     return f"{bad} fails its CRC-32" if bad else None
+
+
+def share_checkpoint(trainer: L.Trainer, path: str) -> None:
+    """Copy the checkpoint at ``path`` from global rank 0 to every host whose disk lacks it; a collective call.
+
+    Rank 0 writes the checkpoints, on its own host's disk; on SageMaker every instance has a disk of its own
+    (``/opt/ml/checkpoints`` is synced to S3, not shared), so ``trainer.test(ckpt_path=best)`` on the other hosts
+    would find no file. Where every rank sees it (one machine, a shared file system) nothing moves.
+    """
+    if trainer.world_size == 1 or "://" in path:
+        return
+    strategy = trainer.strategy
+    if not strategy.reduce_boolean_decision(not Path(path).is_file(), all=False):
+        return
+    data = strategy.broadcast(Path(path).read_bytes() if trainer.is_global_zero else None)
+    if trainer.local_rank == 0 and not Path(path).is_file():
+        log.info("Copying %s (%s) from rank 0's host to this one", path, format_bytes(len(data)))
+        write_bytes_durably(Path(path), data)
+    strategy.barrier("share_checkpoint")
