@@ -55,6 +55,15 @@ CASES = {
         ["--trials", "2", "--epochs", "1", "--train-batches", "1", "--seeds", "0", "--pruners", "median"],
         "goal (within 1 point",
     ),
+    "bench_quickstart.py": (
+        [
+            "--extra",
+            "trainer.max_epochs=1 +trainer.limit_train_batches=2 +trainer.limit_val_batches=1 "
+            "+trainer.limit_test_batches=1 data.image_size=24 data.resize_size=28 report=false",
+            "fused=+model.optimizer.fused=true callbacks=[default,ema]",
+        ],
+        "| fused | ",
+    ),
     "bench_serve.py": (
         shlex.split(
             "--threads 1 --runtimes eager openvino-int8 --iterations 1 --c1-requests 2 --requests 4 "

@@ -1,0 +1,93 @@
+"""The quick start's wall time and accuracy: the README's demo against variants of it, measured in one run.
+
+    flock /tmp/dogbreed-bench.lock python scripts/bench_quickstart.py [--avx2] [--repeats 1] [VARIANT ...]
+
+Each row runs the README's command, ``python -m dogbreed.train experiment=demo``, in a process of its own with
+the variant's overrides, and reads what the run wrote: ``metrics.json``'s ``wall_time_s`` (the "Done in" figure)
+and ``test/acc``, and the profiler's ``steps.jsonl``, whose mean training step splits into data, forward,
+backward and optimizer. Every figure is also printed as x the demo as configured, measured in the same run;
+repeats alternate the order of the rows. A VARIANT is ``"name=override override"``, one argument (default: the rows
+below).
+``--avx2`` holds torch to its AVX2 kernels (``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2``), the laptop
+of the goal: under 150 s on a 2-core AVX2 machine with test/acc at least 0.75.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from bench_serve import cpu_description
+
+DEFAULT_VARIANTS = {
+    "demo": [],
+    "fused AdamW": ["+model.optimizer.fused=true"],
+    "channels_last": ["model.channels_last=true"],
+    "fused + channels_last": ["+model.optimizer.fused=true", "model.channels_last=true"],
+}
+AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+PHASES = ("dataloader", "forward", "backward", "optimizer")
+
+
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    name, sep, overrides = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: write a variant as 'name=override override' ('big=data.batch_size=64')"
+        )
+    return name, shlex.split(overrides)
+
+
+def run_demo(overrides: list[str], run_dir: Path, env: dict[str, str]) -> dict[str, float]:
+    """One demo run in a fresh process; its wall time, test accuracy and mean step phases (ms)."""
+    command = [sys.executable, "-m", "dogbreed.train", "experiment=demo", *overrides, f"hydra.run.dir={run_dir}"]
+    done = subprocess.run(command, env=env, cwd=run_dir.parent, capture_output=True, text=True, timeout=3600)
+    if done.returncode:
+        raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    steps = [json.loads(line) for line in (run_dir / "profiler-output" / "steps.jsonl").read_text().splitlines()]
+    phases = {p: 1000 * statistics.fmean(s[p] or 0.0 for s in steps) for p in (*PHASES, "duration")}
+    return {"wall": metrics["wall_time_s"], "acc": metrics["test/acc"]} | phases
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("variants", nargs="*", type=parse_variant, help="'name=override override' (default: 4 rows)")
+    parser.add_argument("--avx2", action="store_true", help="hold torch to AVX2 kernels, as on an AVX2-only laptop")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each row (order alternates)")
+    parser.add_argument("--extra", default="", help="overrides for every row, space-separated (tests: small runs)")
+    args = parser.parse_args()
+    variants = dict(args.variants) or DEFAULT_VARIANTS
+    variants = {"demo": [], **variants}  # the baseline of every ratio
+    extra = shlex.split(args.extra)
+    env = os.environ | (AVX2 if args.avx2 else {})
+    print(f"CPU: {cpu_description()}; torch kernels: {'held to AVX2' if args.avx2 else 'the CPU own best'}")
+    results: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
+    with tempfile.TemporaryDirectory() as tmp:
+        for repeat in range(args.repeats):
+            order = list(variants) if repeat % 2 == 0 else list(reversed(variants))
+            for name in order:
+                run_dir = Path(tmp) / f"{len(results[name])}-{name.replace(' ', '_')}"
+                results[name].append(run_demo([*extra, *variants[name]], run_dir, env))
+                r = results[name][-1]
+                print(f"  {name}: {r['wall']:.1f} s, test/acc {r['acc']:.3f}", flush=True)
+    base = {k: statistics.median(r[k] for r in results["demo"]) for k in results["demo"][0]}
+    print("\n| variant | Done in | x demo | test/acc | step ms | data | forward | backward | optimizer |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name, runs in results.items():
+        m = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+        print(
+            f"| {name} | {m['wall']:.1f} s | {m['wall'] / base['wall']:.2f} | {m['acc']:.3f} | {m['duration']:.0f} | "
+            + " | ".join(f"{m[p]:.0f}" for p in PHASES) + " |"
+        )  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
