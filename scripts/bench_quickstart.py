@@ -28,9 +28,10 @@ from bench_serve import cpu_description
 
 DEFAULT_VARIANTS = {
     "demo": [],
-    "fused AdamW": ["+model.optimizer.fused=true"],
+    "AdamW not fused": ["model.optimizer.fused=false"],
     "channels_last": ["model.channels_last=true"],
-    "fused + channels_last": ["+model.optimizer.fused=true", "model.channels_last=true"],
+    "batch 64": ["data.batch_size=64"],
+    "3 epochs": ["trainer.max_epochs=3"],
 }
 AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 PHASES = ("dataloader", "forward", "backward", "optimizer")
@@ -59,7 +60,7 @@ def run_demo(overrides: list[str], run_dir: Path, env: dict[str, str]) -> dict[s
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("variants", nargs="*", type=parse_variant, help="'name=override override' (default: 4 rows)")
+    parser.add_argument("variants", nargs="*", type=parse_variant, help="'name=override override' (default: 5 rows)")
     parser.add_argument("--avx2", action="store_true", help="hold torch to AVX2 kernels, as on an AVX2-only laptop")
     parser.add_argument("--repeats", type=int, default=1, help="runs of each row (order alternates)")
     parser.add_argument("--extra", default="", help="overrides for every row, space-separated (tests: small runs)")
