@@ -26,6 +26,9 @@ from pathlib import Path
 
 from bench_serve import cpu_description
 
+from dogbreed._io import read_jsonl
+from dogbreed.rundir import METRICS, PROFILER_DIR, STEPS
+
 DEFAULT_VARIANTS = {
     "demo": [],
     "AdamW not fused": ["model.optimizer.fused=false"],
@@ -52,8 +55,8 @@ def run_demo(overrides: list[str], run_dir: Path, env: dict[str, str]) -> dict[s
     done = subprocess.run(command, env=env, cwd=run_dir.parent, capture_output=True, text=True, timeout=3600)
     if done.returncode:
         raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    steps = [json.loads(line) for line in (run_dir / "profiler-output" / "steps.jsonl").read_text().splitlines()]
+    metrics = json.loads((run_dir / METRICS).read_text())
+    steps = read_jsonl(run_dir / PROFILER_DIR / STEPS)
     phases = {p: 1000 * statistics.fmean(s[p] or 0.0 for s in steps) for p in (*PHASES, "duration")}
     return {"wall": metrics["wall_time_s"], "acc": metrics["test/acc"]} | phases
 

@@ -14,6 +14,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -157,6 +158,12 @@ def image_folder(tmp_path: Path) -> Callable[..., Path]:
 # --- varied JPEG folders: the fast data path's tests (decode, cache, device augmentation) --------------
 
 DATA = shard_name(0)  # the one pixel file of a cache built without worker processes
+
+
+def scores(run: Path) -> dict[str, Any]:
+    """The ``test/*`` metrics a run wrote to its ``metrics.json``."""
+    return {k: v for k, v in json.loads((run / "metrics.json").read_text()).items() if k.startswith("test/")}
+
 
 # small settings so that every data test runs in well under a second
 SMALL = {"image_size": 24, "resize_size": 28, "crop_scale": (0.3, 1.0), "verify_images": False, "num_workers": 0}

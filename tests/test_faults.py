@@ -34,7 +34,7 @@ from dogbreed.sagemaker.entry import container_overrides, failure_reason
 from dogbreed.sagemaker.hyperparameters import overrides_to_hyperparameters
 from dogbreed.train import CheckpointError, disk_full_message, resolve_ckpt_path
 
-from .conftest import SMALL, write_image_folder, write_varied_folder
+from .conftest import SMALL, scores, write_image_folder, write_varied_folder
 from .installed import IsolatedPython
 from .sagemaker_job import lay_out_job, pack_source_dir, toolkit_env
 
@@ -127,13 +127,6 @@ def wait_for_epoch_1(proc: subprocess.Popen, run: Path) -> None:
     wait_for_step(proc, run, BATCHES + 1)
 
 
-def test_metrics(run: Path) -> dict[str, Any]:
-    return {k: v for k, v in json.loads((run / "metrics.json").read_text()).items() if k.startswith("test/")}
-
-
-test_metrics.__test__ = False  # a helper, not a test
-
-
 def assert_checkpoints_whole(run: Path, epoch: int) -> None:
     """Every checkpoint in the run loads, and ``last.ckpt`` holds the end of ``epoch``."""
     ckpts = sorted((run / "checkpoints").glob("*.ckpt"))
@@ -218,11 +211,8 @@ def test_a_spot_job_killed_mid_epoch_and_restarted_ends_as_if_never_interrupted(
     assert f"ckpt_path={base / 'checkpoints' / 'last.ckpt'}" in log and (base / "output" / "success").is_file()
 
     output, expected = base / "output" / "data", whole_base / "output" / "data"
-    got = json.loads((output / "metrics.json").read_text())
-    assert {k: v for k, v in got.items() if k.startswith("test/")} == {
-        k: v for k, v in json.loads((expected / "metrics.json").read_text()).items() if k.startswith("test/")
-    }
-    assert got["epochs"] == SPOT_EPOCHS
+    assert scores(output) == scores(expected)
+    assert json.loads((output / "metrics.json").read_text())["epochs"] == SPOT_EPOCHS
     assert sorted(p.name for p in (base / "model").iterdir()) == sorted(
         p.name for p in (whole_base / "model").iterdir()
     )
@@ -256,7 +246,7 @@ def test_a_kill_inside_a_checkpoint_write_leaves_the_old_checkpoints_whole_and_t
     assert len(list((run / "checkpoints").glob(".*.tmp"))) == 1  # the write the kill cut short, read by nothing
 
     finish(cli([f"resume={run}"], tmp_path / "resumed.log", tmp_path), tmp_path / "resumed.log")
-    assert test_metrics(run) == test_metrics(ref)
+    assert scores(run) == scores(ref)
     assert not list((run / "checkpoints").glob(".*.tmp"))  # the resumed run's first checkpoint write removed it
 
 
@@ -350,7 +340,7 @@ def test_a_full_disk_stops_training_in_one_line_and_resume_finishes_the_run_once
 
     filler.unlink()
     finish(cli([f"resume={run}"], tmp_path / "resumed.log", tmp_path), tmp_path / "resumed.log")
-    assert test_metrics(run) == test_metrics(ref)
+    assert scores(run) == scores(ref)
 
 
 def test_any_write_the_disk_refuses_is_one_line_with_the_path_and_a_checkpoints_size(tmpfs):

@@ -21,6 +21,7 @@ import pytest
 
 from dogbreed.sagemaker.training import job_hyperparameters
 
+from .conftest import scores
 from .installed import IsolatedPython
 from .sagemaker_job import lay_out_job, pack_source_dir, toolkit_env
 from .test_sagemaker_training_toolkit import run_job
@@ -86,10 +87,6 @@ def launched(overrides: list[str], instance_count: int) -> dict[str, object]:
     """The hyperparameters the launcher gives a job of ``instance_count`` instances, decoded as the job reads them."""
     encoded = job_hyperparameters(overrides, instance_count=instance_count, region="us-east-1")
     return {k: json.loads(v) for k, v in encoded.items()}
-
-
-def scores(run: Path) -> dict[str, object]:
-    return {k: v for k, v in json.loads((run / "metrics.json").read_text()).items() if k.startswith("test/")}
 
 
 def trained_steps(base: Path) -> int:

@@ -191,22 +191,16 @@ def _stage_s3(source: str, target: Path, endpoint_url: str | None, retry: S3Retr
         )
     files_dir = target / "files"
     dests = {rel: files_dir / safe_relpath(rel, what=source) for rel in listed}
-    pending = sum(
-        _still_to_fetch(obj, dests[rel])
-        for rel, obj in listed.items()
-        if not _staged(manifest.get(rel), obj, dests[rel])
-    )
+    todo = {rel for rel, obj in listed.items() if not _staged(manifest.get(rel), obj, dests[rel])}
+    pending = sum(_still_to_fetch(listed[rel], dests[rel]) for rel in todo)
     if pending > shutil.disk_usage(target).free:  # before a byte is written, with the size it still needs
         raise DiskFullError(files_dir, pending)
     entries: dict[str, dict[str, Any]] = {}
-    transferred = 0
     for rel, obj in sorted(listed.items()):
-        known = manifest.get(rel)
-        if _staged(known, obj, dests[rel]):
-            entries[rel] = known
-            continue
-        entries[rel] = _download(client, bucket, obj["Key"], obj["ETag"].strip('"'), obj["Size"], dests[rel], retry)
-        transferred += 1
+        if rel in todo:
+            entries[rel] = _download(client, bucket, obj["Key"], obj["ETag"].strip('"'), obj["Size"], dests[rel], retry)
+        else:
+            entries[rel] = manifest[rel]
     for stale in set(manifest) - set(listed):
         (files_dir / stale).unlink(missing_ok=True)
     _write_manifest(target, source, entries)
@@ -214,8 +208,8 @@ def _stage_s3(source: str, target: Path, endpoint_url: str | None, retry: S3Retr
         "Staged %s -> %s (%d transferred, %d already present)",
         source,
         files_dir,
-        transferred,
-        len(entries) - transferred,
+        len(todo),
+        len(entries) - len(todo),
     )
 
 
