@@ -13,6 +13,7 @@ import fcntl
 import hashlib
 import json
 import os
+import platform
 import shutil
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
@@ -179,6 +180,21 @@ def available_cpus() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
         return os.cpu_count() or 1
+
+
+_VECTOR_FLAGS = (("AVX2", "avx2"), ("AVX-512", "avx512f"), ("AVX-512 VNNI", "avx512_vnni"), ("AVX-VNNI", "avx_vnni"),
+                 ("AMX", "amx_tile"))  # fmt: skip
+
+
+def cpu_description() -> str:
+    """The CPU's model name, its vector extensions and cores: torch runs about 5x faster with AVX-512 than with
+    AVX2 alone, so a time means little without them."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    extensions = [name for name, flag in _VECTOR_FLAGS if flag in flags]
+    model = model or platform.processor() or "unknown CPU"
+    return f"{model}; {', '.join(extensions) or 'no AVX2'}; {os.cpu_count()} CPUs"
 
 
 # --- cache and S3 ---------------------------------------------------------------------------------

@@ -24,9 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench_serve import cpu_description
-
-from dogbreed._io import read_jsonl
+from dogbreed._io import cpu_description, read_jsonl
 from dogbreed.rundir import METRICS, PROFILER_DIR, STEPS
 
 DEFAULT_VARIANTS = {

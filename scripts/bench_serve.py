@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import signal
 import socket
 import statistics
@@ -37,7 +36,7 @@ from typing import Any
 import httpx
 import torch
 
-from dogbreed._io import available_cpus
+from dogbreed._io import available_cpus, cpu_description
 from dogbreed.artifacts import write_model_dir
 from dogbreed.models.backbone import create_backbone
 from dogbreed.serve.calibration import CALIBRATION_SIZE
@@ -151,21 +150,6 @@ def synthetic_model_dir(root: Path) -> Path:
     net, _ = create_backbone("resnet18", num_classes=133)
     names = [f"breed_{i:03d}" for i in range(133)]
     return write_model_dir(root / "model", net, backbone="resnet18", class_names=names, preprocessing=Preprocessing())
-
-
-def cpu_description() -> str:
-    """The CPU's model name, the vector extensions that decide INT8's speed, and its cores."""
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
-    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
-    extensions = [name for name, flag in VECTOR_FLAGS if flag in flags]
-    return (
-        f"{model or platform.processor() or 'unknown CPU'}; {', '.join(extensions) or 'no AVX2'}; {os.cpu_count()} CPUs"
-    )
-
-
-VECTOR_FLAGS = (("AVX2", "avx2"), ("AVX-512", "avx512f"), ("AVX-512 VNNI", "avx512_vnni"), ("AVX-VNNI", "avx_vnni"),
-                ("AMX", "amx_tile"))  # fmt: skip
 
 
 def peak_rss_mb(pid: int) -> float | None:

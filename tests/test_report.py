@@ -12,7 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+from dogbreed._io import cpu_description
 from dogbreed.report import build_report, plots
 from dogbreed.report.__main__ import main as report_main
 from dogbreed.report._html import table
@@ -38,9 +40,12 @@ def test_training_wrote_the_report(debug_demo_run: Path) -> None:
 
 
 @pytest.mark.slow  # reads the shared demo run (trained once per session)
-def test_demo_report_shows_the_training_processes_and_no_empty_header(debug_demo_run: Path) -> None:
+def test_demo_report_shows_the_machine_the_training_processes_and_no_empty_header(debug_demo_run: Path) -> None:
     html = (debug_demo_run / "report" / "profiler-report.html").read_text()
     assert "<tr><th></th>" not in html
+    # a step time means little without the CPU's vector extensions and the kernels torch chose on it
+    cpu = f"{cpu_description()} ({torch.backends.cpu.get_cpu_capability()})"
+    assert f"<td>CPU (torch kernels)</td><td>{cpu}</td>" in html
     assert "<td>CPU % of the training processes</td>" in html and "<td>CPU total % (machine)</td>" in html
     samples = (debug_demo_run / "profiler-output" / "system.jsonl").read_text().splitlines()
     assert all("proc_cpu" in json.loads(line) for line in samples)

@@ -26,6 +26,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from dogbreed._io import cpu_description
 from dogbreed.callbacks.system_monitor import SystemMonitor
 from dogbreed.rules import build_profiler_rules, evaluate_profiler_rules
 from dogbreed.rundir import (
@@ -143,6 +144,8 @@ class Profiler(Callback):
         self.meta.update(
             fit_start=time.time(),
             cpu_count=os.cpu_count(),
+            cpu=cpu_description(),
+            torch_cpu_kernels=torch.backends.cpu.get_cpu_capability(),
             accelerator=type(trainer.accelerator).__name__,
             devices=trainer.num_devices,
             gpu_count=torch.cuda.device_count() if torch.cuda.is_available() else 0,

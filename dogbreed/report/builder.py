@@ -83,6 +83,7 @@ def _job_summary(profile: ProfileData) -> tuple[str, dict[str, float | None]]:
         ["mean / median step", f"{np.nanmean(durations) * 1000:.0f} / {np.nanmedian(durations) * 1000:.0f} ms"]
         if durations.size else ["mean / median step", "-"],
         ["device", f"{meta.get('accelerator', '?')} x {meta.get('devices', '?')}, {meta.get('gpu_count', 0)} GPU(s)"],
+        ["CPU (torch kernels)", f"{meta.get('cpu', '?')} ({meta.get('torch_cpu_kernels', '?')})"],
         ["CPU cores / dataloader workers", f"{meta.get('cpu_count', '?')} / {meta.get('num_workers', '?')}"],
         ["batch size", meta.get("batch_size", "?")],
     ]  # fmt: skip
