@@ -8,8 +8,12 @@ and ``test/acc``, and the profiler's ``steps.jsonl``, whose mean training step s
 backward and optimizer. Every figure is also printed as x the demo as configured, measured in the same run;
 repeats alternate the order of the rows. A VARIANT is ``"name=override override"``, one argument (default: the rows
 below).
-``--avx2`` holds torch to its AVX2 kernels (``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2``), the laptop
-of the goal: under 150 s on a 2-core AVX2 machine with test/acc at least 0.75.
+``--avx2`` holds torch, oneDNN and MKL to their AVX2 kernels (``ATEN_CPU_CAPABILITY=avx2``,
+``ONEDNN_MAX_CPU_ISA=AVX2``, ``MKL_ENABLE_INSTRUCTIONS=AVX2``), the laptop of the goal: under 150 s on a 2-core AVX2
+machine with test/acc at least 0.75.
+``--reference "ROW=SECONDS"`` names a row's wall time measured on another machine and adds each row's estimate
+there (SECONDS x row / ROW, both measured here in this run). By default: the demo of commit 348ff4e, which took
+472 s on a 2-core AMD EPYC with AVX2 only (issue 25), the one figure from such a machine this project has.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import statistics
 import subprocess
@@ -27,14 +32,14 @@ from pathlib import Path
 from dogbreed._io import cpu_description, read_jsonl
 from dogbreed.rundir import METRICS, PROFILER_DIR, STEPS
 
+ISSUE_25 = "demo of 348ff4e"
 DEFAULT_VARIANTS = {
     "demo": [],
-    "AdamW not fused": ["model.optimizer.fused=false"],
-    "channels_last": ["model.channels_last=true"],
-    "batch 64": ["data.batch_size=64"],
-    "3 epochs": ["trainer.max_epochs=3"],
-}
-AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    "4 epochs, no label smoothing": ["trainer.max_epochs=4", "model.label_smoothing=0"],
+    ISSUE_25: ["trainer.max_epochs=8", "data.image_size=56", "data.resize_size=64", "model.optimizer.fused=false",
+               "model.label_smoothing=0"],
+}  # fmt: skip
+AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 PHASES = ("dataloader", "forward", "backward", "optimizer")
 
 
@@ -45,6 +50,16 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
             f"{text!r}: write a variant as 'name=override override' ('big=data.batch_size=64')"
         )
     return name, shlex.split(overrides)
+
+
+def parse_reference(text: str) -> tuple[str, float]:
+    name, _, seconds = text.rpartition("=")
+    try:
+        if name:
+            return name, float(seconds)
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"{text!r}: write a reference as 'row=seconds' ('{ISSUE_25}=472')")
 
 
 def run_demo(overrides: list[str], run_dir: Path, env: dict[str, str]) -> dict[str, float]:
@@ -65,9 +80,13 @@ def main() -> None:
     parser.add_argument("--avx2", action="store_true", help="hold torch to AVX2 kernels, as on an AVX2-only laptop")
     parser.add_argument("--repeats", type=int, default=1, help="runs of each row (order alternates)")
     parser.add_argument("--extra", default="", help="overrides for every row, space-separated (tests: small runs)")
+    parser.add_argument("--reference", type=parse_reference, help=f"'row=seconds' elsewhere (default: {ISSUE_25}=472)")
     args = parser.parse_args()
     variants = dict(args.variants) or DEFAULT_VARIANTS
     variants = {"demo": [], **variants}  # the baseline of every ratio
+    reference = args.reference or ((ISSUE_25, 472.0) if ISSUE_25 in variants else None)
+    if reference and reference[0] not in variants:
+        parser.error(f"--reference: no row named {reference[0]!r}; the rows: {', '.join(variants)}")
     extra = shlex.split(args.extra)
     env = os.environ | (AVX2 if args.avx2 else {})
     print(f"CPU: {cpu_description()}; torch kernels: {'held to AVX2' if args.avx2 else 'the CPU own best'}")
@@ -76,18 +95,20 @@ def main() -> None:
         for repeat in range(args.repeats):
             order = list(variants) if repeat % 2 == 0 else list(reversed(variants))
             for name in order:
-                run_dir = Path(tmp) / f"{len(results[name])}-{name.replace(' ', '_')}"
+                run_dir = Path(tmp) / f"{len(results[name])}-{re.sub(r'[^A-Za-z0-9.-]+', '_', name)}"  # a Hydra value
                 results[name].append(run_demo([*extra, *variants[name]], run_dir, env))
                 r = results[name][-1]
                 print(f"  {name}: {r['wall']:.1f} s, test/acc {r['acc']:.3f}", flush=True)
-    base = {k: statistics.median(r[k] for r in results["demo"]) for k in results["demo"][0]}
-    print("\n| variant | Done in | x demo | test/acc | step ms | data | forward | backward | optimizer |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for name, runs in results.items():
-        m = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    medians = {name: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for name, runs in results.items()}
+    base = medians["demo"]
+    there = f" | est. {reference[1]:.0f} s x row / {reference[0]}" if reference else ""
+    print(f"\n| variant | Done in | x demo | test/acc | step ms | data | forward | backward | optimizer{there} |")
+    print("| --- " * (9 + bool(reference)) + "|")
+    for name, m in medians.items():
+        estimate = f" | {reference[1] * m['wall'] / medians[reference[0]]['wall']:.0f} s" if reference else ""
         print(
             f"| {name} | {m['wall']:.1f} s | {m['wall'] / base['wall']:.2f} | {m['acc']:.3f} | {m['duration']:.0f} | "
-            + " | ".join(f"{m[p]:.0f}" for p in PHASES) + " |"
+            + " | ".join(f"{m[p]:.0f}" for p in PHASES) + f"{estimate} |"
         )  # fmt: skip
 
 
