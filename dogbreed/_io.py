@@ -11,11 +11,13 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import importlib.metadata
 import json
 import os
 import platform
+import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlparse
@@ -195,6 +197,22 @@ def cpu_description() -> str:
     extensions = [name for name, flag in _VECTOR_FLAGS if flag in flags]
     model = model or platform.processor() or "unknown CPU"
     return f"{model}; {', '.join(extensions) or 'no AVX2'}; {os.cpu_count()} CPUs"
+
+
+def declared_requirements(extras: Iterable[str] | None = ()) -> list[tuple[str, str]]:
+    """dogbreed's own requirements and those of ``extras`` (None: every extra) as ``(name, requirement)``, read from
+    its installed metadata: pyproject.toml stays the one place for a pin that a job's or a model package's
+    ``requirements.txt`` repeats. Raises :class:`importlib.metadata.PackageNotFoundError` where dogbreed is not
+    installed."""
+    wanted = None if extras is None else set(extras)
+    declared = []
+    for requirement in importlib.metadata.requires("dogbreed") or []:
+        extra = re.search(r"""extra\s*==\s*["']([^"']+)["']""", requirement)
+        if extra and wanted is not None and extra.group(1) not in wanted:
+            continue
+        requirement = re.sub(r"\s*;\s*extra\s*==.*$", "", requirement)
+        declared.append((re.split(r"[<>=!~ ;\[]", requirement, maxsplit=1)[0].lower(), requirement))
+    return declared
 
 
 # --- cache and S3 ---------------------------------------------------------------------------------

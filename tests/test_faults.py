@@ -25,7 +25,7 @@ import boto3
 import pytest
 import torch
 
-from dogbreed._io import DiskFullError, sha256_file, write_text
+from dogbreed._io import DiskFullError, read_jsonl, sha256_file, write_text
 from dogbreed.callbacks import checkpoint_damage
 from dogbreed.data import DataError, DogBreedDataModule, staging
 from dogbreed.data import cache as cache_module
@@ -97,17 +97,6 @@ def cli(args: list[str], log: Path, cwd: Path, *, killable: bool = False) -> sub
 
 def finish(proc: subprocess.Popen, log: Path) -> None:
     assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The records of a JSON-lines file; a line being written is skipped."""
-    records = []
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
 
 
 def wait_for_step(proc: subprocess.Popen, run: Path, step: int) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import subprocess
 import tarfile
 from collections.abc import Callable
@@ -11,7 +12,9 @@ from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
+from packaging.requirements import Requirement
 
 from dogbreed.serve import package as packaging
 from dogbreed.serve import runtime as runtime_module
@@ -38,6 +41,23 @@ def answer(model_dir: Path | str, body: bytes = b"") -> dict:
 @pytest.fixture(scope="module")
 def package(tiny_package: Callable[..., Path]) -> Path:
     return tiny_package(top_k=3)  # shared with the other files' tests (conftest): read-only
+
+
+@pytest.mark.parametrize("runtime", sorted(runtime_module.RUNTIME_MODULES))
+def test_a_runtimes_requirement_is_pinned_as_pyproject_pins_it(runtime: str) -> None:
+    """code/requirements.txt repeats the pin of the extra that brings the runtime's module, not a copy of it."""
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    module = runtime_module.RUNTIME_MODULES[runtime]
+    pinned = {
+        requirement
+        for extra in pyproject["project"]["optional-dependencies"].values()
+        for requirement in extra
+        if re.split(r"[<>=!~ \[]", requirement, maxsplit=1)[0] == module
+    }
+    assert len(pinned) == 1, f"pyproject.toml pins {module} {len(pinned)} times"
+    assert [r.replace(" ", "") for r in packaging.runtime_requirements(runtime)] == [
+        str(Requirement(pinned.pop())).replace(" ", "")
+    ]
 
 
 def test_package_layout_and_round_trip(package: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -109,7 +129,7 @@ def test_exports_round_trip(tiny_model_dir: Path, tmp_path: Path, monkeypatch: p
     root = extract_package(archive, tmp_path / "model")
     manifest = json.loads((root / "package.json").read_text())
     assert manifest["runtime"] == "onnx" and set(manifest["exports"]) == set(exports)
-    assert "onnxruntime" in (root / "code" / "requirements.txt").read_text()
+    assert packaging.runtime_requirements("onnx")[0] in (root / "code" / "requirements.txt").read_text()
     eager = answer(tiny_model_dir)["predictions"]
     for runtime in exports:
         monkeypatch.setenv("DOGBREED_RUNTIME", runtime)  # how a SageMaker Model's env picks the runtime
@@ -140,7 +160,7 @@ def test_openvino_fp32_and_int8_are_calibrated_checked_and_served(
     int8, fp32 = recorded["openvino-int8"]["held_out"], recorded["openvino"]["held_out"]
     assert int8["images"] == 30 and "accuracy" in int8 and "accuracy_eager" in int8  # the folders are its classes
     assert fp32["top1_agreement"] == 1.0 and fp32["max_probability_diff"] < 1e-4
-    assert "openvino>=" in (root / "code" / "requirements.txt").read_text()
+    assert packaging.runtime_requirements("openvino-int8")[0] in (root / "code" / "requirements.txt").read_text()
     eager = answer(tiny_model_dir)["predictions"]
     assert model_fn(str(root)).runtime == "openvino-int8"
     monkeypatch.setenv("DOGBREED_RUNTIME", "auto")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import logging
-import re
 import shutil
 import tarfile
 import tempfile
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import dogbreed
+from dogbreed._io import declared_requirements
 from dogbreed.config import CONFIG_DIR
 from dogbreed.data.staging import is_remote
 from dogbreed.sagemaker.entry import DATA_CHANNEL, ENTRY_SCRIPT, WEIGHTS_CHANNEL
@@ -44,19 +44,10 @@ def requirements(extras: Sequence[str] = ()) -> list[str]:
     """dogbreed's own dependencies and those of ``extras`` (from its metadata), minus what the PyTorch container
     already has."""
     try:
-        requires = importlib.metadata.requires("dogbreed") or []
+        declared = declared_requirements(extras)
     except importlib.metadata.PackageNotFoundError:
         raise LaunchError("dogbreed is not installed; run `pip install -e .[sagemaker]` first.") from None
-    kept = []
-    for req in requires:
-        extra = re.search(r"""extra\s*==\s*["']([^"']+)["']""", req)
-        if extra and extra.group(1) not in extras:
-            continue
-        req = re.sub(r"\s*;\s*extra\s*==.*$", "", req)
-        name = re.split(r"[<>=!~ ;\[]", req, maxsplit=1)[0].lower()
-        if name not in CONTAINER_PROVIDED:
-            kept.append(req)
-    return kept
+    return [requirement for name, requirement in declared if name not in CONTAINER_PROVIDED]
 
 
 @contextlib.contextmanager

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import importlib.metadata
 import io
 import logging
 import shutil
@@ -36,7 +37,7 @@ from typing import Any
 import torch
 
 import dogbreed
-from dogbreed._io import atomic_path, sha256_file, write_json
+from dogbreed._io import atomic_path, declared_requirements, sha256_file, write_json
 from dogbreed.artifacts import (
     CLASSES,
     MODEL_CONFIG,
@@ -50,7 +51,7 @@ from dogbreed.serve.runtime import (
     DEFAULT_TOP_K,
     EXPORT_FILES,
     PACKAGE_MANIFEST,
-    RUNTIME_REQUIREMENTS,
+    RUNTIME_MODULES,
     RUNTIMES,
     exported_forward,
 )
@@ -306,8 +307,25 @@ def write_code(code: Path, runtime: str) -> None:
         "# The stock SageMaker PyTorch container (>= 2.1) provides torch, torchvision, pillow and numpy;",
         "# the dogbreed modules the handlers need are shipped in this code/ folder.",
     ]
-    requirements += RUNTIME_REQUIREMENTS.get(runtime, [])
+    requirements += runtime_requirements(runtime)
     (code / "requirements.txt").write_text("\n".join(requirements) + "\n")
+
+
+def runtime_requirements(runtime: str) -> list[str]:
+    """What ``runtime`` imports beyond the stock PyTorch container, pinned as dogbreed's own extras pin it."""
+    module = RUNTIME_MODULES.get(runtime)
+    if module is None:
+        return []
+    try:
+        pins = [requirement for name, requirement in declared_requirements(None) if name == module]
+    except importlib.metadata.PackageNotFoundError:
+        raise RuntimeError(
+            f"the {runtime} runtime's requirement comes from dogbreed's metadata, and dogbreed is not installed: "
+            "`pip install -e .` in the checkout, then package again."
+        ) from None
+    if not pins:
+        raise RuntimeError(f"pyproject.toml declares {module} in no extra: pin it there for the {runtime} runtime.")
+    return pins[:1]
 
 
 def served_modules(entry: str = SERVED_MODULE, source: Path | None = None) -> list[str]:

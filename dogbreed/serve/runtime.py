@@ -34,7 +34,7 @@ __all__ = [
     "PACKAGE_MANIFEST",
     "RUNTIMES",
     "RUNTIME_CHOICES",
-    "RUNTIME_REQUIREMENTS",
+    "RUNTIME_MODULES",
     "DogBreedModel",
     "exported_forward",
     "load_model",
@@ -51,9 +51,6 @@ EXPORT_FILES = {
     "export": "model.pt2", "openvino": "model.xml", "openvino-int8": "model-int8.xml", "torchscript": "model.ts",
     "onnx": "model.onnx",
 }  # fmt: skip
-# what each runtime needs beyond the stock SageMaker PyTorch container (the package's code/requirements.txt)
-_OPENVINO = ["openvino>=2026.4,<2027"]
-RUNTIME_REQUIREMENTS = {"onnx": ["onnxruntime>=1.16"], "openvino": _OPENVINO, "openvino-int8": _OPENVINO}
 # `auto` serves the first runtime of this order that the package carries and this Python can import: fastest first
 # on a CPU (scripts/bench_serve.py's runtime table); eager before export, as fast and able to explain. On a GPU only
 # the torch runtimes run there, so those come first.
@@ -61,7 +58,9 @@ _ON_DEVICE = ("eager", "export", "torchscript")  # the torch runtimes: on the GP
 _CPU_ORDER = ("openvino-int8", "openvino", "onnx", "eager", "export", "torchscript")
 AUTO_ORDER = {"cpu": _CPU_ORDER, "cuda": (*_ON_DEVICE, *(r for r in _CPU_ORDER if r not in _ON_DEVICE))}
 RUNTIME_CHOICES = (*RUNTIMES, "auto")
-_RUNTIME_MODULES = {"onnx": "onnxruntime", "openvino": "openvino", "openvino-int8": "openvino"}
+# the module each runtime imports beyond the stock SageMaker PyTorch container (also its distribution's name: a
+# package's code/requirements.txt pins it as dogbreed's extras do)
+RUNTIME_MODULES = {"onnx": "onnxruntime", "openvino": "openvino", "openvino-int8": "openvino"}
 DEFAULT_TOP_K = 5
 
 
@@ -236,7 +235,7 @@ def load_model(
 def auto_runtime(exports: Iterable[str], device: torch.device) -> str:
     """The fastest runtime (:data:`AUTO_ORDER`) among ``exports`` and eager whose library this Python imports."""
     carried = [r for r in AUTO_ORDER["cuda" if device.type == "cuda" else "cpu"] if r in {"eager", *exports}]
-    runnable = [r for r in carried if r not in _RUNTIME_MODULES or find_spec(_RUNTIME_MODULES[r]) is not None]
+    runnable = [r for r in carried if r not in RUNTIME_MODULES or find_spec(RUNTIME_MODULES[r]) is not None]
     missing = carried[: carried.index(runnable[0])]  # eager is always runnable
     log.info(
         "runtime auto: %s (carried: %s%s)", runnable[0], ", ".join(carried),
