@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dogbreed._io import DiskFullError, is_disk_full
 from dogbreed.artifacts import write_model_dir, write_test_results
-from dogbreed.callbacks import ResumeState, checkpoint_damage, share_checkpoint
+from dogbreed.callbacks import CheckpointError, ResumeState, checkpoint_damage, share_checkpoint
 from dogbreed.config import CONFIG_DIR
 from dogbreed.data import DataError, DogBreedDataModule
 from dogbreed.models import DogBreedClassifier, WeightsError
@@ -35,10 +35,6 @@ from dogbreed.tracking import MLflowRunLogger
 log = logging.getLogger(__name__)
 
 LAST_CHECKPOINT = "last.ckpt"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint or run directory to resume from that is not there."""
 
 
 def instantiate_group(group: DictConfig | None, kind: str) -> list[Any]:
@@ -130,7 +126,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[Callback] = ()) -> dict[str
         ``cfg.optimized_metric`` (what a tuner maximises).
     """
     resume_state = ResumeState()  # the run's clock, counting earlier processes of a resumed run
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.checkpoint_dir)
+    ckpt_path = resume_state.ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.checkpoint_dir)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
 

@@ -10,6 +10,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import lightning as L
@@ -19,10 +20,11 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
-from dogbreed.callbacks import Debugger, Profiler
+from dogbreed.callbacks import CheckpointError, Debugger, Profiler, agree_on_checkpoint
 from dogbreed.callbacks.resume import rng_states, set_rng_states
 from dogbreed.train import resume_overrides
 
+from .conftest import free_port
 from .test_debugger import TinyClassifier, tensors
 
 EPOCHS, BATCHES, KILL_EPOCH = 3, 6, 2  # killed 3 steps into epoch 2: last.ckpt then holds epoch 1
@@ -184,3 +186,43 @@ def test_cli_resume_names_what_the_run_dir_lacks(tmp_path):
     (run / ".hydra" / "overrides.yaml").write_text("- experiment=demo\n")  # killed before its first epoch ended
     output = _cli_error([f"resume={run}"], tmp_path)
     assert f"{run}/checkpoints has no last.ckpt" in output
+
+
+def _agree(rank: int, port: int, paths: list[str | None], verdicts: Any) -> None:
+    """One process of a two-process gloo group: what agree_on_checkpoint said about this rank's path."""
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        agree_on_checkpoint(SimpleNamespace(world_size=2), paths[rank])
+        verdicts.put((rank, "agreed"))
+    except CheckpointError as err:
+        verdicts.put((rank, str(err)))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("case", ["same file", "one host without", "other epochs"])
+def test_processes_that_would_resume_from_different_checkpoints_all_stop(case: str, tmp_path: Path) -> None:
+    """A host whose disk lacks the checkpoint (or holds another epoch's) stops every process, before a restore."""
+    epochs = [tmp_path / "host-1" / "last.ckpt", tmp_path / "host-2" / "last.ckpt"]
+    for epoch, path in enumerate(epochs):
+        path.parent.mkdir()
+        torch.save({"epoch": epoch}, path)
+    paths = {
+        "same file": [str(epochs[0]), str(epochs[0])],
+        "one host without": [str(epochs[0]), None],
+        "other epochs": [str(p) for p in epochs],
+    }[case]
+    context = torch.multiprocessing.get_context("spawn")
+    verdicts = context.Queue()
+    torch.multiprocessing.start_processes(
+        _agree, args=(free_port(), paths, verdicts), nprocs=2, start_method="spawn", join=True
+    )
+    said = dict(verdicts.get(timeout=10) for _ in range(2))
+    if case == "same file":
+        assert said == {0: "agreed", 1: "agreed"}
+        return
+    assert said[0] == said[1], "every process stops with the same reason"
+    assert said[0].startswith("the processes would resume from different checkpoints (rank 0 on ")
+    assert f"{epochs[0]} (sha256 " in said[0]
+    assert ("no checkpoint, epoch 0" if case == "one host without" else f"{epochs[1]} (sha256 ") in said[0]
+    assert "start the job again once that prefix holds one whole last.ckpt" in said[0]

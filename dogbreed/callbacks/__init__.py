@@ -5,7 +5,13 @@ The debugger and profiler record data into the run directory (:mod:`dogbreed.run
 :func:`dogbreed.rundir.load_profile`.
 """
 
-from dogbreed.callbacks.checkpoint_io import DurableCheckpointIO, checkpoint_damage, share_checkpoint
+from dogbreed.callbacks.checkpoint_io import (
+    CheckpointError,
+    DurableCheckpointIO,
+    agree_on_checkpoint,
+    checkpoint_damage,
+    share_checkpoint,
+)
 from dogbreed.callbacks.debugger import Debugger
 from dogbreed.callbacks.ema import EMAWeights
 from dogbreed.callbacks.finetuning import BackboneFreezeUnfreeze
@@ -16,6 +22,7 @@ from dogbreed.callbacks.smdebug_bridge import SMDebugBridge
 
 __all__ = [
     "BackboneFreezeUnfreeze",
+    "CheckpointError",
     "Debugger",
     "DurableCheckpointIO",
     "EMAWeights",
@@ -23,6 +30,7 @@ __all__ = [
     "Profiler",
     "ResumeState",
     "SMDebugBridge",
+    "agree_on_checkpoint",
     "checkpoint_damage",
     "format_metrics",
     "share_checkpoint",

@@ -1,11 +1,12 @@
-"""Checkpoint files: ``DurableCheckpointIO`` (never left half-written by a kill or a full disk), and copies of
-rank 0's checkpoints for hosts that cannot see its disk."""
+"""Checkpoint files: ``DurableCheckpointIO`` (never left half-written by a kill or a full disk), copies of
+rank 0's checkpoints for hosts that cannot see its disk, and a check that every host resumes from the same one."""
 
 from __future__ import annotations
 
 import io
 import logging
 import os
+import socket
 import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -14,12 +15,16 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.types import _PATH
 
-from dogbreed._io import format_bytes, write_bytes_durably
+from dogbreed._io import format_bytes, sha256_file, write_bytes_durably
 
 if TYPE_CHECKING:
     import lightning as L
 
 log = logging.getLogger(__name__)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or run directory to resume from that is not there, or not the same on every host."""
 
 
 class DurableCheckpointIO(TorchCheckpointIO):
@@ -96,3 +101,30 @@ def share_checkpoint(trainer: L.Trainer, path: str) -> None:
         log.info("Copying %s (%s) from rank 0's host to this one", path, format_bytes(len(data)))
         write_bytes_durably(Path(path), data)
     strategy.barrier("share_checkpoint")
+
+
+def agree_on_checkpoint(trainer: L.Trainer, ckpt_path: str | None) -> None:
+    """Stop every process with one :class:`CheckpointError` where they would start from different checkpoints.
+
+    Each host picks its checkpoint from its own disk: on SageMaker, the ``last.ckpt`` that the job's
+    ``checkpoint_s3_uri`` restored to that instance. Should one host lack it, or hold another epoch's, its
+    processes would train from another epoch than rank 0's and the collectives would stall or mix the two runs;
+    here every process compares the SHA-256 of what it would load (a collective call) before anything is
+    restored.
+    """
+    if trainer.world_size == 1:
+        return
+    mine = sha256_file(Path(ckpt_path)) if ckpt_path and "://" not in ckpt_path else ckpt_path
+    everyone: list[Any] = [None] * trainer.world_size
+    torch.distributed.all_gather_object(everyone, (socket.gethostname(), ckpt_path, mine))
+    if len({digest for _, _, digest in everyone}) == 1:
+        return
+    starts = "; ".join(
+        f"rank {rank} on {host}: {f'{path} (sha256 {digest[:12]})' if path else 'no checkpoint, epoch 0'}"
+        for rank, (host, path, digest) in enumerate(everyone)
+    )
+    raise CheckpointError(
+        f"the processes would resume from different checkpoints ({starts}). Every host must start from the same "
+        "one: on SageMaker each instance resumes from what checkpoint_s3_uri restored to its /opt/ml/checkpoints, "
+        "so start the job again once that prefix holds one whole last.ckpt, or empty it to train from the start."
+    )

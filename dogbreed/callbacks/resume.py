@@ -12,6 +12,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 
+from dogbreed.callbacks.checkpoint_io import agree_on_checkpoint
+
 CHECKPOINT_KEY = "dogbreed_resume_state"
 
 
@@ -53,9 +55,14 @@ class ResumeState(Callback):
     ``wall_time_s`` counts this process and, for a resumed run, the earlier processes up to the checkpoint.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, ckpt_path: str | None = None) -> None:
+        self.ckpt_path = ckpt_path  # what fit starts from: every process must start from the same
         self.started = time.perf_counter()
         self.earlier_s = 0.0
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == TrainerFn.FITTING:  # the process group is up, nothing restored yet
+            agree_on_checkpoint(trainer, self.ckpt_path)
 
     @property
     def wall_time_s(self) -> float:
