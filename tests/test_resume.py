@@ -200,6 +200,7 @@ def _agree(rank: int, port: int, paths: list[str | None], verdicts: Any) -> None
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow  # two spawned processes, each importing torch: about 6 s a case
 @pytest.mark.parametrize("case", ["same file", "one host without", "other epochs"])
 def test_processes_that_would_resume_from_different_checkpoints_all_stop(case: str, tmp_path: Path) -> None:
     """A host whose disk lacks the checkpoint (or holds another epoch's) stops every process, before a restore."""
