@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import re
 import subprocess
 import tarfile
 from collections.abc import Callable
@@ -52,7 +51,7 @@ def test_a_runtimes_requirement_is_pinned_as_pyproject_pins_it(runtime: str) -> 
         requirement
         for extra in pyproject["project"]["optional-dependencies"].values()
         for requirement in extra
-        if re.split(r"[<>=!~ \[]", requirement, maxsplit=1)[0] == module
+        if Requirement(requirement).name == module
     }
     assert len(pinned) == 1, f"pyproject.toml pins {module} {len(pinned)} times"
     assert [r.replace(" ", "") for r in packaging.runtime_requirements(runtime)] == [

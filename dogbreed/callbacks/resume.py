@@ -55,8 +55,8 @@ class ResumeState(Callback):
     ``wall_time_s`` counts this process and, for a resumed run, the earlier processes up to the checkpoint.
     """
 
-    def __init__(self, ckpt_path: str | None = None) -> None:
-        self.ckpt_path = ckpt_path  # what fit starts from: every process must start from the same
+    def __init__(self) -> None:
+        self.ckpt_path: str | None = None  # what fit starts from (train sets it): the same in every process
         self.started = time.perf_counter()
         self.earlier_s = 0.0
 
